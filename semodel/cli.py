@@ -55,6 +55,32 @@ def models_cmd(
     typer.echo(format_table(rows, image_size=image_size, markdown=markdown))
 
 
+@config_app.command("show")
+def config_show(
+    config: Path = typer.Option(..., "--config", "-c", help="Experiment YAML file."),
+    overrides: List[str] = typer.Option([], "--set", "-s", help="Override a key: --set optim.lr=0.01 (repeatable)."),
+) -> None:
+    """Print the resolved config (defaults filled in, overrides applied) as YAML."""
+    from semodel.config import dump_yaml, load_config
+
+    typer.echo(dump_yaml(load_config(config, overrides)), nl=False)
+
+
+@app.command("train")
+def train_cmd(
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="Experiment YAML file."),
+    overrides: List[str] = typer.Option([], "--set", "-s", help="Override a key: --set optim.lr=0.01 (repeatable)."),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue a run from its last.pt."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="One line per epoch, no progress bars."),
+) -> None:
+    """Train a model from a YAML experiment; writes runs/<name>/ (config, split, TensorBoard, checkpoints)."""
+    from semodel.train import train_from_cli
+
+    if config is None and resume is None:
+        raise SemodelError("give --config FILE (a new run) or --resume runs/<run>/last.pt (continue one)")
+    train_from_cli(config, overrides, resume, quiet)
+
+
 def main() -> None:
     """Entry point: user errors become one line on stderr and exit code 2, never a traceback."""
     try:

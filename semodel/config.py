@@ -1,0 +1,320 @@
+"""The experiment schema: one YAML file, validated, with dotted ``--set`` overrides.
+
+Unknown keys are errors (with the closest valid key), wrong types and out-of-range values are
+errors naming the key, the value and what is allowed; every error names the file it came from.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from semodel.errors import SemodelError
+from semodel.models import MODEL_NAMES
+
+ModelName = Literal[MODEL_NAMES]  # type: ignore[valid-type]
+Placement = Literal["layer", "block", "final", "none"]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    name: ModelName = "se_resnet18"
+    attention: Literal["se", "none"] = "se"
+    reduction: float = Field(16, gt=0, description="SE reduction ratio r: hidden width = channels / r")
+    min_channels: int = Field(1, ge=1, description="floor on the SE hidden width")
+    bias: bool = True
+    gate: Literal["sigmoid", "hard_sigmoid"] = "sigmoid"
+    stem: Literal["imagenet", "cifar"] = "imagenet"
+    placement: Union[Placement, list[Placement]] = "block"
+    drop_rate: float = Field(0.0, ge=0, lt=1)
+    memory_efficient: bool = False
+    pretrained: Optional[str] = Field(None, description="'imagenet' or a path to a state_dict")
+    num_classes: Optional[int] = Field(
+        None, ge=2, description="optional check: the data must have exactly this many classes"
+    )
+
+
+class SyntheticConfig(Section):
+    """A generated ImageFolder of simple textures, written to data.root when it is missing."""
+
+    classes: int = Field(3, ge=2, le=3)
+    per_class: int = Field(100, ge=4)
+    image_size: int = Field(64, ge=16)
+    seed: int = 0
+
+
+class SplitConfig(Section):
+    val: float = Field(0.15, ge=0, lt=1)
+    test: float = Field(0.15, ge=0, lt=1)
+    seed: int = 0
+    group_by: Optional[str] = Field(
+        None, description="regex over the file name; its first group (or whole match) is the group id"
+    )
+
+    @field_validator("group_by")
+    @classmethod
+    def _regex_compiles(cls, value: Optional[str]) -> Optional[str]:
+        if value is not None:
+            try:
+                re.compile(value)
+            except re.error as e:
+                raise ValueError(f"not a valid regular expression ({e})") from None
+        return value
+
+    @model_validator(mode="after")
+    def _fractions_leave_training_data(self) -> SplitConfig:
+        if self.val + self.test >= 1:
+            raise ValueError(f"val + test = {self.val + self.test:g} leaves nothing to train on (must be < 1)")
+        if self.val <= 0:
+            raise ValueError("val must be > 0: the monitored metric needs a validation split")
+        return self
+
+
+class AugmentConfig(Section):
+    scale: tuple[float, float] = Field((0.35, 1.0), description="random-resized-crop area range")
+    hflip: float = Field(0.5, ge=0, le=1)
+    vflip: float = Field(0.0, ge=0, le=1)
+    auto_augment: Literal["none", "trivial", "rand"] = "none"
+    color_jitter: float = Field(0.0, ge=0, le=1)
+    random_erasing: float = Field(0.0, ge=0, le=1)
+
+    @field_validator("scale")
+    @classmethod
+    def _scale_range(cls, value: tuple[float, float]) -> tuple[float, float]:
+        low, high = value
+        if not 0 < low <= high <= 1:
+            raise ValueError(f"need 0 < low <= high <= 1, got {list(value)}")
+        return value
+
+
+class DataConfig(Section):
+    root: str = Field(description="an ImageFolder: root/<class>/<image>, or root/{train,val[,test]}/<class>/...")
+    synthetic: Optional[SyntheticConfig] = None
+    image_size: int = Field(224, ge=16, le=2048)
+    crop_ratio: float = Field(0.875, gt=0, le=1, description="eval: resize to image_size / crop_ratio, then crop")
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    batch_size: int = Field(32, ge=1)
+    num_workers: Union[int, Literal["auto"]] = "auto"
+    balance: Literal["none", "sampler", "loss"] = "none"
+    mixup: float = Field(0.0, ge=0, description="mixup alpha (0 = off)")
+    cutmix: float = Field(0.0, ge=0, description="cutmix alpha (0 = off)")
+    split: SplitConfig = SplitConfig()
+    augment: AugmentConfig = AugmentConfig()
+
+    @field_validator("num_workers")
+    @classmethod
+    def _workers(cls, value: Union[int, str]) -> Union[int, str]:
+        if isinstance(value, int) and value < 0:
+            raise ValueError("must be >= 0 or 'auto'")
+        return value
+
+    @field_validator("std")
+    @classmethod
+    def _std_positive(cls, value: tuple[float, float, float]) -> tuple[float, float, float]:
+        if min(value) <= 0:
+            raise ValueError("every std must be > 0")
+        return value
+
+
+class OptimConfig(Section):
+    name: Literal["sgd", "adamw"] = "adamw"
+    lr: float = Field(1e-3, gt=0, description="learning rate for batch_size x accum_steps (x processes)")
+    weight_decay: float = Field(0.05, ge=0, description="not applied to norm and bias parameters")
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum")
+    nesterov: bool = True
+    betas: tuple[float, float] = (0.9, 0.999)
+
+
+class ScheduleConfig(Section):
+    name: Literal["cosine", "step", "constant"] = "cosine"
+    warmup_epochs: float = Field(1.0, ge=0, description="linear warm-up from 1% of lr")
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="cosine ends at lr x this")
+    step_size: int = Field(30, ge=1, description="step: epochs between decays")
+    gamma: float = Field(0.1, gt=0, le=1, description="step: decay factor")
+
+
+class TrainConfig(Section):
+    epochs: int = Field(30, ge=1)
+    device: str = Field("auto", description="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps")
+    amp: Literal["auto", "bf16", "fp16", "off"] = Field("auto", description="auto: bf16/fp16 on GPU, off on CPU")
+    channels_last: bool = True
+    compile: bool = False
+    accum_steps: int = Field(1, ge=1)
+    clip_grad: Optional[float] = Field(None, gt=0, description="max global grad norm")
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    ema: bool = False
+    ema_decay: float = Field(0.999, gt=0, lt=1)
+    monitor: Literal["val_acc", "val_loss", "val_f1", "val_balanced_acc"] = "val_acc"
+    patience: Optional[int] = Field(None, ge=1, description="early stopping: epochs without improvement")
+    seed: int = 0
+    deterministic: bool = False
+
+
+class LogConfig(Section):
+    out_dir: str = "runs"
+    name: Optional[str] = Field(None, description="run folder name (default: the config file's name)")
+    tensorboard: bool = True
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, value: Optional[str]) -> Optional[str]:
+        if value is not None and not re.fullmatch(r"[A-Za-z0-9._-]+", value):
+            raise ValueError("use letters, digits, '.', '_' and '-' only")
+        return value
+
+
+class Config(Section):
+    model: ModelConfig = ModelConfig()
+    data: DataConfig
+    optim: OptimConfig = OptimConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    train: TrainConfig = TrainConfig()
+    log: LogConfig = LogConfig()
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict of builtins (lists, not tuples) for YAML and checkpoints."""
+        return _plain(self.model_dump(mode="python"))
+
+
+def _plain(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _section_keys(model: type[BaseModel], prefix: str = "") -> dict[str, list[str]]:
+    """For every section path ('' for the top, 'data.split', ...) the list of its valid keys."""
+    out = {prefix: list(model.model_fields)}
+    for name, field in model.model_fields.items():
+        for candidate in _section_types(field.annotation):
+            out.update(_section_keys(candidate, f"{prefix}{name}."))
+    return out
+
+
+def _section_types(annotation: Any) -> list[type[BaseModel]]:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [a for a in getattr(annotation, "__args__", ()) if isinstance(a, type) and issubclass(a, BaseModel)]
+
+
+SECTION_KEYS = _section_keys(Config)
+
+
+def _format_error(error: dict[str, Any], source: str) -> str:
+    # pydantic puts union branch names into loc ('int', 'literal[...]'); keep field names only.
+    loc = [str(p) for p in error["loc"]]
+    path = ".".join(p for p in loc if not p.startswith(("literal[", "function-")) and p not in _TYPE_TAGS)
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        parent, _, key = path.rpartition(".")
+        valid = SECTION_KEYS.get(f"{parent}." if parent else "", [])
+        close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+        hint = f"; did you mean '{parent + '.' if parent else ''}{close[0]}'?" if close else ""
+        where = f"section '{parent}'" if parent else "the top level"
+        return f"{source}: unknown key '{path}'{hint} (valid keys in {where}: {', '.join(valid)})"
+    if kind == "missing":
+        return f"{source}: missing required key '{path}'"
+    value = error.get("input")
+    message = error["msg"]
+    message = re.sub(r"^Value error, ", "", message)
+    return f"{source}: {path} = {value!r}: {message}"
+
+
+_TYPE_TAGS = {"int", "float", "str", "bool", "list[literal['layer','block','final','none']]", "tuple"}
+
+
+def validate(raw: dict[str, Any], source: str) -> Config:
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as e:
+        errors = e.errors(include_url=False)
+        # One error per key: with unions pydantic reports every branch; the first is clear enough.
+        seen, lines = set(), []
+        for err in errors:
+            line = _format_error(err, source)
+            key = line.split(":")[1] if ":" in line else line
+            if key not in seen:
+                seen.add(key)
+                lines.append(line)
+        raise SemodelError("; ".join(lines[:3]) + (f" (+{len(lines) - 3} more)" if len(lines) > 3 else "")) from None
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    file = Path(path)
+    if not file.exists():
+        raise SemodelError(f"config file not found: {file}")
+    if file.is_dir():
+        raise SemodelError(f"config path is a folder, not a YAML file: {file}")
+    try:
+        raw = yaml.safe_load(file.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise SemodelError(f"{file}: malformed YAML{where}: {problem}") from None
+    except UnicodeDecodeError:
+        raise SemodelError(f"{file}: not a text file (cannot decode as UTF-8)") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise SemodelError(f"{file}: the top level must be a mapping of sections (model:, data:, ...), "
+                           f"found a {type(raw).__name__}")
+    return raw
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b=value`` strings; values are parsed as YAML (``0.1``, ``true``, ``[a, b]``)."""
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise SemodelError(f"--set {item!r}: expected KEY=VALUE with a dotted key, e.g. optim.lr=0.01")
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError:
+            value = text
+        node = raw
+        parts = key.split(".")
+        for depth, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            elif not isinstance(child, dict):
+                section = ".".join(parts[: depth + 1])
+                raise SemodelError(f"--set {item!r}: '{section}' is not a section")
+            node = child
+        node[parts[-1]] = value
+    return raw
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    raw = read_yaml(path)
+    overrides = list(overrides or [])
+    source = str(path) + (f" (with --set {' '.join(overrides)})" if overrides else "")
+    return validate(apply_overrides(raw, overrides), source)
+
+
+def config_from_dict(raw: dict[str, Any], source: str = "checkpoint") -> Config:
+    return validate(raw, source)
+
+
+def dump_yaml(config: Config) -> str:
+    return yaml.safe_dump(config.to_dict(), sort_keys=False, default_flow_style=None)
+
+
+def write_yaml(config: Config, path: Path) -> None:
+    path.write_text(dump_yaml(config), encoding="utf-8")
