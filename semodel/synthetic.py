@@ -1,7 +1,8 @@
 """A small generated ImageFolder for the demo: textures that a CNN tells apart in a few epochs.
 
-Classes: ``stripes`` (parallel bands at a random angle and frequency), ``spots`` (random discs)
-and ``rings`` (concentric circles around a random centre), each with random colours and noise,
+Classes: ``checkers`` (a rotated checkerboard), ``spots`` (random discs) and ``stripes``
+(parallel bands at a random angle and frequency), each in two random colours of clearly
+different brightness, with noise,
 saved as JPEG, so the demo exercises the same decode/augment path as real photos.
 """
 
@@ -15,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-CLASSES = ("rings", "spots", "stripes")
+CLASSES = ("checkers", "spots", "stripes")
 
 
 def _render(kind: str, size: int, rng: np.random.Generator) -> np.ndarray:
@@ -24,17 +25,22 @@ def _render(kind: str, size: int, rng: np.random.Generator) -> np.ndarray:
         angle = rng.uniform(0, np.pi)
         freq = rng.uniform(3, 7)
         mask = np.sin(2 * np.pi * freq * (x * np.cos(angle) + y * np.sin(angle))) > 0
-    elif kind == "rings":
-        cx, cy = rng.uniform(0.2, 0.8, size=2)
-        freq = rng.uniform(4, 8)
-        mask = np.sin(2 * np.pi * freq * np.hypot(x - cx, y - cy)) > 0
+    elif kind == "checkers":
+        angle = rng.uniform(0, np.pi / 2)
+        freq = rng.uniform(2.5, 5)
+        u = x * np.cos(angle) + y * np.sin(angle)
+        v = -x * np.sin(angle) + y * np.cos(angle)
+        mask = (np.sin(2 * np.pi * freq * u) > 0) ^ (np.sin(2 * np.pi * freq * v) > 0)
     else:
         mask = np.zeros((size, size), dtype=bool)
         for _ in range(rng.integers(6, 14)):
             cx, cy = rng.uniform(0, 1, size=2)
             r = rng.uniform(0.04, 0.09)
             mask |= np.hypot(x - cx, y - cy) < r
-    fg, bg = rng.uniform(0, 255, size=(2, 3))
+    fg = rng.uniform(0, 255, size=3)
+    bg = rng.uniform(0, 255, size=3)
+    if abs(fg.mean() - bg.mean()) < 70:  # keep the pattern visible: shift the background away
+        bg = (bg + (-110 if fg.mean() > 127 else 110)).clip(0, 255)
     img = np.where(mask[..., None], fg, bg) + rng.normal(0, 12, size=(size, size, 3))
     return img.clip(0, 255).astype(np.uint8)
 

@@ -1,0 +1,669 @@
+"""fit(): the training loop, from a validated Config to a run folder.
+
+Read top to bottom: setup (run folder, device, data, model, optimizer), then the epoch loop
+(train, validate, log, checkpoint, early stop), then the final test of the best weights.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Sampler
+
+from semodel import __version__
+from semodel.checkpoint import load_checkpoint, save_checkpoint
+from semodel.config import Config, apply_overrides, config_from_dict, load_config, write_yaml
+from semodel.data import (
+    Dataset,
+    ImageList,
+    collate_skip_bad,
+    default_workers,
+    eval_transform,
+    prepare_dataset,
+    preprocess_of,
+    train_transform,
+)
+from semodel.errors import SemodelError
+from semodel.metrics import classification_metrics
+from semodel.models import build_model
+
+# Metric to monitor -> (key in the validation metrics, whether higher is better)
+MONITORS = {
+    "val_acc": ("acc", True),
+    "val_loss": ("loss", False),
+    "val_f1": ("f1_macro", True),
+    "val_balanced_acc": ("balanced_acc", True),
+}
+
+
+# ----------------------------------------------------------------------------- setup helpers
+
+
+def select_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise SemodelError(f"train.device = {name!r}: not a device (use auto, cpu, cuda, cuda:N or mps)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SemodelError(f"train.device = {name!r} but CUDA is not available here; use auto or cpu")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise SemodelError(f"train.device = {name!r} but MPS is not available here; use auto or cpu")
+    return device
+
+
+def amp_dtype(setting: str, device: torch.device) -> torch.dtype | None:
+    """bf16 where the device supports it, else fp16 (with a grad scaler); off on CPU unless asked."""
+    if setting == "off" or (setting == "auto" and device.type == "cpu"):
+        return None
+    if setting == "fp16":
+        return torch.float16
+    if setting == "bf16":
+        return torch.bfloat16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float16 if device.type == "mps" else None
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+    else:
+        torch.backends.cudnn.benchmark = True
+
+
+def rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    return {
+        "python": list(random.getstate()[1]),
+        "numpy": torch.from_numpy(np_state[1].astype(np.int64)),
+        "numpy_pos": int(np_state[2]),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate((3, tuple(state["python"]), None))
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0))
+    torch.set_rng_state(state["torch"].cpu())
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """No weight decay on norm weights and biases (1-D tensors): decaying them only hurts."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def make_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
+    o = cfg.optim
+    groups = param_groups(model, o.weight_decay)
+    if o.name == "sgd":
+        return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov and o.momentum > 0)
+    return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas))
+
+
+def lr_factor(cfg: Config, steps_per_epoch: int) -> Callable[[int], float]:
+    """Multiplier of the base lr at optimizer step ``i``: linear warm-up, then the schedule."""
+    s = cfg.schedule
+    total = cfg.train.epochs * steps_per_epoch
+    warmup = int(round(s.warmup_epochs * steps_per_epoch))
+
+    def factor(i: int) -> float:
+        if i < warmup:
+            return 0.01 + 0.99 * i / warmup
+        if s.name == "constant":
+            return 1.0
+        if s.name == "step":
+            return s.gamma ** ((i // steps_per_epoch) // s.step_size)
+        progress = min(1.0, (i - warmup) / max(1, total - warmup))
+        return s.min_lr_ratio + (1 - s.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+class EpochSampler(Sampler[int]):
+    """A fresh order every epoch, reproducible from (seed, epoch), that can start mid-epoch.
+
+    With ``weights`` it draws with replacement in proportion to them (``data.balance: sampler``).
+    """
+
+    def __init__(self, n: int, seed: int, weights: torch.Tensor | None = None) -> None:
+        self.n, self.seed, self.weights = n, seed, weights
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
+
+    def order(self) -> list[int]:
+        g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
+        if self.weights is not None:
+            return torch.multinomial(self.weights, self.n, replacement=True, generator=g).tolist()
+        return torch.randperm(self.n, generator=g).tolist()
+
+    def __iter__(self):
+        return iter(self.order()[self.start :])
+
+    def __len__(self) -> int:
+        return self.n - self.start
+
+
+class Interrupt:
+    """First Ctrl-C: finish the step, save, exit. Second Ctrl-C: stop at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self) -> Interrupt:
+        try:
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        except ValueError:  # not the main thread
+            self._previous = None
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\ninterrupt: finishing the current step, then saving last.pt (Ctrl-C again to abort)",
+              file=sys.stderr)
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+def new_run_dir(cfg: Config, config_path: Path | None) -> Path:
+    name = cfg.log.name or (config_path.stem if config_path else "run")
+    base = Path(cfg.log.out_dir).expanduser()
+    candidate, n = base / name, 1
+    while candidate.exists():
+        n += 1
+        candidate = base / f"{name}-{n}"
+    candidate.mkdir(parents=True)
+    return candidate
+
+
+# ----------------------------------------------------------------------------- inference
+
+
+@torch.no_grad()
+def predict_probs(
+    model: nn.Module,
+    loader: DataLoader,
+    device: torch.device,
+    dtype: torch.dtype | None = None,
+    channels_last: bool = False,
+    tta: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Softmax probabilities and targets over ``loader``, and the mean cross-entropy loss."""
+    model.eval()
+    probs, targets, loss_sum = [], [], 0.0
+    for images, labels in loader:
+        if images.numel() == 0:
+            continue
+        images = images.to(device, non_blocking=True)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with autocast(device, dtype):
+            logits = model(images).float()
+            if tta:
+                logits = (logits + model(torch.flip(images, dims=[3])).float()) / 2
+        labels = labels.to(device)
+        loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
+        probs.append(logits.softmax(1).cpu())
+        targets.append(labels.cpu())
+    if not probs:
+        raise SemodelError("no readable image to evaluate")
+    targets_t = torch.cat(targets)
+    return torch.cat(probs), targets_t, loss_sum / len(targets_t)
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None:
+        return nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+# ----------------------------------------------------------------------------- logging
+
+
+def confusion_figure(matrix: list[list[int]], classes: list[str], title: str = "confusion matrix"):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(classes)
+    fig, ax = plt.subplots(figsize=(1.2 + 0.7 * n, 1.0 + 0.7 * n), dpi=100)
+    cm = np.asarray(matrix)
+    ax.imshow(cm, cmap="Blues")
+    ax.set_xticks(range(n), classes, rotation=45, ha="right")
+    ax.set_yticks(range(n), classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    top = cm.max() if cm.size else 0
+    for i in range(n):
+        for j in range(n):
+            ax.text(j, i, str(cm[i, j]), ha="center", va="center", color="white" if cm[i, j] > top / 2 else "black")
+    fig.tight_layout()
+    return fig
+
+
+class Logger:
+    """TensorBoard (one event stream in the run folder) + console lines."""
+
+    def __init__(self, run_dir: Path, enabled: bool, purge_step: int | None) -> None:
+        self.writer = None
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(run_dir), purge_step=purge_step)
+
+    def scalars(self, values: dict[str, float], step: int) -> None:
+        if self.writer:
+            for tag, value in values.items():
+                if value is not None and math.isfinite(value):
+                    self.writer.add_scalar(tag, value, step)
+
+    def confusion(self, matrix, classes, step: int) -> None:
+        if self.writer:
+            import matplotlib.pyplot as plt
+
+            fig = confusion_figure(matrix, classes, f"validation, epoch {step}")
+            self.writer.add_figure("val/confusion_matrix", fig, step)
+            plt.close(fig)
+
+    def samples(self, images: torch.Tensor, mean, std) -> None:
+        if self.writer:
+            from torchvision.utils import make_grid
+
+            images = images[:32].float().cpu() * torch.tensor(std).view(1, 3, 1, 1) + torch.tensor(mean).view(1, 3, 1, 1)
+            self.writer.add_image("train/augmented_samples", make_grid(images.clamp(0, 1), nrow=8), 0)
+
+    def hparams(self, hparams: dict[str, Any], metrics: dict[str, float]) -> None:
+        if self.writer:
+            from torch.utils.tensorboard.summary import hparams as hparams_summary
+
+            # Written into this run's own stream (SummaryWriter.add_hparams would open a new one).
+            exp, ssi, sei = hparams_summary(hparams, metrics)
+            fw = self.writer._get_file_writer()
+            for summary in (exp, ssi, sei):
+                fw.add_summary(summary)
+            self.scalars(metrics, 0)
+
+    def close(self) -> None:
+        if self.writer:
+            self.writer.close()
+
+
+def flat_hparams(config: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for section in ("model", "optim", "schedule", "train", "data"):
+        for key, value in config[section].items():
+            if isinstance(value, (int, float, str, bool)):
+                out[f"{section}.{key}"] = value
+    return out
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+@dataclass
+class RunState:
+    epoch: int = 0  # epochs completed
+    step_in_epoch: int = 0  # batches of the current epoch already trained (after an interrupt)
+    global_step: int = 0  # optimizer steps
+    best_value: float | None = None
+    best_epoch: int = 0
+    stale_epochs: int = 0
+
+
+def fit(
+    cfg: Config,
+    config_path: Path | None = None,
+    resume: Path | None = None,
+    quiet: bool = False,
+    log: Callable[[str], None] = print,
+) -> Path:
+    """Train ``cfg``; returns the run folder. ``resume`` continues from a checkpoint."""
+    t_start = time.time()
+    resumed = load_checkpoint(resume) if resume else None
+    run_dir = Path(resume).parent if resume else new_run_dir(cfg, config_path)
+    write_yaml(cfg, run_dir / "config.yaml")
+    show_bars = not quiet and sys.stderr.isatty()
+
+    seed_everything(cfg.train.seed, cfg.train.deterministic)
+    device = select_device(cfg.train.device)
+    dtype = amp_dtype(cfg.train.amp, device)
+
+    # Data
+    data = prepare_dataset(cfg, run_dir, resume=resumed is not None, log=log)
+    if resumed and list(resumed["classes"]) != data.classes:
+        raise SemodelError(f"{resume}: trained on classes {resumed['classes']}, but {data.root} has {data.classes}")
+    workers = cfg.data.num_workers if cfg.data.num_workers != "auto" else default_workers(device.type)
+    train_set = ImageList(data.root, data.split("train"), train_transform(cfg))
+    weights = None
+    counts = torch.tensor(data.counts("train"), dtype=torch.float)
+    if cfg.data.balance == "sampler":
+        weights = (1.0 / counts)[torch.tensor([label for _, label in train_set.items])]
+    sampler = EpochSampler(len(train_set), cfg.train.seed, weights)
+    loader_kw = dict(
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=workers > 0,
+        collate_fn=collate_skip_bad,
+    )
+    if workers > 0:
+        loader_kw["prefetch_factor"] = 4
+    train_loader = DataLoader(train_set, cfg.data.batch_size, sampler=sampler, drop_last=False, **loader_kw)
+    preprocess = preprocess_of(cfg)
+    val_loader = DataLoader(
+        ImageList(data.root, data.split("val"), eval_transform(preprocess)), cfg.data.batch_size * 2, **loader_kw
+    )
+    log(
+        f"data: {data.root}  classes: {', '.join(data.classes)}  "
+        f"train/val/test: {len(data.split('train'))}/{len(data.split('val'))}/{len(data.split('test'))}  "
+        f"workers: {workers}"
+    )
+
+    # Model, optimizer, schedule
+    m = cfg.model
+    model = build_model(
+        m.name,
+        num_classes=len(data.classes),
+        attention=m.attention,
+        reduction=m.reduction,
+        min_channels=m.min_channels,
+        bias=m.bias,
+        gate=m.gate,
+        stem=m.stem,
+        placement=m.placement,
+        drop_rate=m.drop_rate,
+        memory_efficient=m.memory_efficient,
+        pretrained=None if resumed else m.pretrained,
+    ).to(device)
+    memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+    model = model.to(memory_format=memory_format)
+    optimizer = make_optimizer(cfg, model)
+    steps_per_epoch = math.ceil(math.ceil(len(train_set) / cfg.data.batch_size) / cfg.train.accum_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg, steps_per_epoch))
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    ema = None
+    if cfg.train.ema:
+        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.train.ema_decay), use_buffers=True)
+    class_weights = None
+    if cfg.data.balance == "loss":
+        class_weights = (counts.sum() / (len(counts) * counts)).to(device)
+    mix = make_mixer(cfg, len(data.classes))
+
+    state = RunState()
+    if resumed:
+        model.load_state_dict(resumed["model"])
+        optimizer.load_state_dict(resumed["optimizer"])
+        scheduler.load_state_dict(resumed["scheduler"])
+        if resumed.get("scaler"):
+            scaler.load_state_dict(resumed["scaler"])
+        if ema is not None and resumed.get("ema"):
+            ema.module.load_state_dict(resumed["ema"])
+            ema.n_averaged.fill_(max(1, resumed["progress"]["global_step"]))
+        state = RunState(**resumed["progress"])
+        set_rng_state(resumed["rng"])
+        log(f"resuming {run_dir} at epoch {state.epoch + 1} (step {state.step_in_epoch} of it)")
+    log(f"model: {m.name} (attention {m.attention})  device: {device}  amp: {dtype or 'off'}  "
+        f"params: {sum(p.numel() for p in model.parameters()):,}")
+
+    train_model = torch.compile(model) if cfg.train.compile else model
+    monitor_key, higher_better = MONITORS[cfg.train.monitor]
+    purge = state.epoch + 1 if resumed else None
+    logger = Logger(run_dir, cfg.log.tensorboard, purge)
+    config_dict = cfg.to_dict()
+
+    def checkpoint(metrics: dict[str, Any] | None) -> dict[str, Any]:
+        return {
+            "config": config_dict,
+            "classes": data.classes,
+            "preprocess": preprocess,
+            "model": model.state_dict(),
+            "ema": ema.module.state_dict() if ema is not None else None,
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+            "epoch": state.epoch,
+            "progress": vars(state).copy(),
+            "best": {"metric": cfg.train.monitor, "value": state.best_value, "epoch": state.best_epoch},
+            "metrics": metrics or {},
+            "rng": rng_state(),
+            "run_dir": str(run_dir),
+        }
+
+    resume_hint = f"semodel train --resume {run_dir / 'last.pt'}"
+    history: list[dict[str, Any]] = []
+    with Interrupt() as interrupt:
+        while state.epoch < cfg.train.epochs:
+            epoch = state.epoch + 1
+            sampler.set_epoch(epoch, state.step_in_epoch * cfg.data.batch_size)
+            t0 = time.time()
+            train_stats = train_one_epoch(
+                train_model, ema, train_loader, optimizer, scheduler, scaler, device, dtype, cfg, mix,
+                class_weights, state, interrupt, logger, show_bars, epoch, first_run=resumed is None,
+            )
+            if interrupt.requested:
+                save_checkpoint(checkpoint(None), run_dir / "last.pt")
+                log(f"interrupted in epoch {epoch}; saved {run_dir / 'last.pt'}\nresume with: {resume_hint}")
+                logger.close()
+                raise SystemExit(130)
+            train_time = time.time() - t0
+            eval_model = ema.module if ema is not None else model
+            probs, targets, val_loss = predict_probs(eval_model, val_loader, device, dtype, cfg.train.channels_last)
+            metrics = classification_metrics(probs, targets, data.classes)
+            metrics["loss"] = val_loss
+            state.epoch, state.step_in_epoch = epoch, 0
+
+            value = metrics[monitor_key]
+            improved = state.best_value is None or (value > state.best_value if higher_better else value < state.best_value)
+            if improved:
+                state.best_value, state.best_epoch, state.stale_epochs = value, epoch, 0
+            else:
+                state.stale_epochs += 1
+            ckpt = checkpoint(summary_metrics(metrics))
+            save_checkpoint(ckpt, run_dir / "last.pt")
+            if improved:
+                save_checkpoint(ckpt, run_dir / "best.pt")
+
+            lr = optimizer.param_groups[0]["lr"]
+            logger.scalars(
+                {
+                    "train/loss": train_stats["loss"],
+                    "train/acc": train_stats["acc"],
+                    "val/loss": val_loss,
+                    "val/acc": metrics["acc"],
+                    "val/balanced_acc": metrics["balanced_acc"],
+                    "val/f1_macro": metrics["f1_macro"],
+                    "val/auc": metrics["auc"],
+                    "lr": lr,
+                    "perf/images_per_s": train_stats["images_per_s"],
+                    "perf/epoch_time_s": time.time() - t0,
+                },
+                epoch,
+            )
+            logger.confusion(metrics["confusion_matrix"], data.classes, epoch)
+            history.append({"epoch": epoch, "train": train_stats, "val": summary_metrics(metrics)})
+            log(
+                f"epoch {epoch}/{cfg.train.epochs}  train loss {train_stats['loss']:.4f} acc {train_stats['acc']:.1%}  "
+                f"val loss {val_loss:.4f} acc {metrics['acc']:.1%} f1 {metrics['f1_macro']:.3f}  lr {lr:.2e}  "
+                f"{train_stats['images_per_s']:.0f} img/s  {train_time:.1f}s" + ("  *best*" if improved else "")
+            )
+            if cfg.train.patience and state.stale_epochs >= cfg.train.patience:
+                log(f"early stopping: {cfg.train.monitor} has not improved for {state.stale_epochs} epochs")
+                break
+
+    # Final: test the best weights on the held-out split, write metrics.json
+    result: dict[str, Any] = {
+        "best": {"metric": cfg.train.monitor, "value": state.best_value, "epoch": state.best_epoch},
+        "epochs": state.epoch,
+        "wall_time_s": round(time.time() - t_start, 1),
+        "device": str(device),
+        "semodel_version": __version__,
+        "history": history,
+    }
+    best = load_checkpoint(run_dir / "best.pt")
+    result["val"] = best["metrics"]
+    if data.split("test"):
+        model.load_state_dict(best["ema"] if ema is not None else best["model"])
+        test_loader = DataLoader(
+            ImageList(data.root, data.split("test"), eval_transform(preprocess)), cfg.data.batch_size * 2, **loader_kw
+        )
+        probs, targets, test_loss = predict_probs(model, test_loader, device, dtype, cfg.train.channels_last)
+        test = summary_metrics(classification_metrics(probs, targets, data.classes))
+        test["loss"] = test_loss
+        result["test"] = test
+        log(f"test (best epoch {state.best_epoch}): acc {test['acc']:.1%}  balanced acc {test['balanced_acc']:.1%}  "
+            f"f1 {test['f1_macro']:.3f}  n={test['n']}")
+    tmp = run_dir / "metrics.json.tmp"
+    tmp.write_text(json.dumps(result, indent=2))
+    os.replace(tmp, run_dir / "metrics.json")
+    final = {f"hparam/{k}": v for k, v in (result.get("test") or result["val"]).items() if isinstance(v, float)}
+    logger.hparams(flat_hparams(config_dict), final)
+    logger.close()
+    log(f"done in {result['wall_time_s']:.0f}s: {run_dir}  (best {cfg.train.monitor} {state.best_value:.4f} "
+        f"at epoch {state.best_epoch}; checkpoints best.pt, last.pt)")
+    return run_dir
+
+
+def summary_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in metrics.items() if k != "per_class"} | {"per_class": metrics.get("per_class", {})}
+
+
+def make_mixer(cfg: Config, num_classes: int):
+    """Batch-level mixup / cutmix (torchvision v2), or None."""
+    from torchvision.transforms import v2
+
+    choices = []
+    if cfg.data.mixup > 0:
+        choices.append(v2.MixUp(alpha=cfg.data.mixup, num_classes=num_classes))
+    if cfg.data.cutmix > 0:
+        choices.append(v2.CutMix(alpha=cfg.data.cutmix, num_classes=num_classes))
+    if not choices:
+        return None
+    return choices[0] if len(choices) == 1 else v2.RandomChoice(choices)
+
+
+def train_one_epoch(
+    model, ema, loader, optimizer, scheduler, scaler, device, dtype, cfg: Config, mix, class_weights,
+    state: RunState, interrupt: Interrupt, logger: Logger, show_bars: bool, epoch: int, first_run: bool,
+) -> dict[str, float]:
+    from tqdm import tqdm
+
+    model.train()
+    accum = cfg.train.accum_steps
+    loss_sum, correct, seen = 0.0, 0, 0
+    t0 = time.time()
+    bar = tqdm(loader, desc=f"epoch {epoch}/{cfg.train.epochs}", leave=False, disable=not show_bars, dynamic_ncols=True)
+    optimizer.zero_grad(set_to_none=True)
+    pending = 0
+    for images, labels in bar:
+        if images.numel() == 0:
+            continue
+        images = images.to(device, non_blocking=True)
+        labels = labels.to(device, non_blocking=True)
+        if cfg.train.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        if first_run and epoch == 1 and state.step_in_epoch == 0:
+            logger.samples(images, cfg.data.mean, cfg.data.std)
+        hard_labels = labels
+        if mix is not None:
+            images, labels = mix(images, labels)
+        with autocast(device, dtype):
+            logits = model(images)
+        loss = F.cross_entropy(logits.float(), labels, weight=class_weights, label_smoothing=cfg.train.label_smoothing)
+        if not torch.isfinite(loss):
+            raise SemodelError(
+                f"loss became {loss.item()} in epoch {epoch}, step {state.step_in_epoch + 1}; stopped. "
+                f"The last good checkpoint is kept; try a lower optim.lr or set train.clip_grad"
+            )
+        scaler.scale(loss / accum).backward()
+        pending += 1
+        state.step_in_epoch += 1
+        if pending == accum:
+            optimizer_step(model, ema, optimizer, scheduler, scaler, cfg)
+            state.global_step += 1
+            pending = 0
+        n = hard_labels.numel()
+        loss_sum += loss.item() * n
+        correct += (logits.argmax(1) == hard_labels).sum().item()
+        seen += n
+        if show_bars:
+            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.1%}",
+                            lr=f"{optimizer.param_groups[0]['lr']:.1e}", ips=f"{seen / (time.time() - t0):.0f}")
+        if interrupt.requested and pending == 0:
+            break
+    if pending and not interrupt.requested:
+        optimizer_step(model, ema, optimizer, scheduler, scaler, cfg)
+        state.global_step += 1
+    bar.close()
+    elapsed = max(time.time() - t0, 1e-9)
+    return {"loss": loss_sum / max(seen, 1), "acc": correct / max(seen, 1), "images_per_s": seen / elapsed}
+
+
+def optimizer_step(model, ema, optimizer, scheduler, scaler, cfg: Config) -> None:
+    if cfg.train.clip_grad:
+        scaler.unscale_(optimizer)
+        nn.utils.clip_grad_norm_(model.parameters(), cfg.train.clip_grad)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    scheduler.step()
+    if ema is not None:
+        ema.update_parameters(model)
+
+
+# ----------------------------------------------------------------------------- CLI entry
+
+
+def train_from_cli(config_path: Path | None, overrides: list[str], resume: Path | None, quiet: bool) -> Path:
+    if resume is not None:
+        state = load_checkpoint(resume)
+        if "progress" not in state or "optimizer" not in state:
+            raise SemodelError(f"{resume}: has no training state to resume from")
+        raw = apply_overrides(state["config"], overrides)
+        cfg = config_from_dict(raw, f"{resume} (with --set {' '.join(overrides)})" if overrides else str(resume))
+        if config_path is not None:
+            print(f"note: --resume continues with the config stored in {resume}; {config_path} is not read",
+                  file=sys.stderr)
+        return fit(cfg, None, resume, quiet)
+    cfg = load_config(config_path, overrides)
+    return fit(cfg, config_path, None, quiet)
