@@ -13,6 +13,15 @@ from torch import nn
 from semodel.models.attention import SqueezeExcite, hidden_width, make_attention
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_cpu_thread():
+    """Tiny tensors gain nothing from intra-op threads; on a busy 2-core runner they only wait."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def hand_excitation(x: torch.Tensor, se: SqueezeExcite, gate: str = "sigmoid") -> torch.Tensor:
     """The per-channel weights (N x C) from the paper's equations with the module's weights."""
     xd = x.detach().to(torch.float64)

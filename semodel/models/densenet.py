@@ -59,11 +59,35 @@ class DenseLayer(nn.Module):
     def bottleneck(self, *inputs: torch.Tensor) -> torch.Tensor:
         return self.conv1(self.relu1(self.norm1(torch.cat(inputs, 1))))
 
+    def _bottleneck_once(self) -> Callable[..., torch.Tensor]:
+        """The bottleneck for checkpointing: the recomputation in backward leaves BN stats alone.
+
+        Without this, ``norm1`` would update its running statistics a second time per step.
+        """
+        calls = 0
+
+        def run(*inputs: torch.Tensor) -> torch.Tensor:
+            nonlocal calls
+            calls += 1
+            if calls == 1:
+                return self.bottleneck(*inputs)
+            norm, momentum = self.norm1, self.norm1.momentum
+            tracked = norm.num_batches_tracked.clone() if norm.num_batches_tracked is not None else None
+            norm.momentum = 0.0  # running = (1 - 0) * running + 0 * batch: unchanged
+            try:
+                return self.bottleneck(*inputs)
+            finally:
+                norm.momentum = momentum
+                if tracked is not None:
+                    norm.num_batches_tracked.copy_(tracked)
+
+        return run
+
     def forward(self, inputs: list[torch.Tensor]) -> torch.Tensor:
         if self.memory_efficient and self.training and any(t.requires_grad for t in inputs):
             # Recompute the concatenation + BN + 1x1 conv in backward instead of storing it.
             # The tensors go in one by one: the caller's list grows after this call returns.
-            bottleneck = cp.checkpoint(self.bottleneck, *inputs, use_reentrant=False)
+            bottleneck = cp.checkpoint(self._bottleneck_once(), *inputs, use_reentrant=False)
         else:
             bottleneck = self.bottleneck(*inputs)
         new_features = self.conv2(self.relu2(self.norm2(bottleneck)))

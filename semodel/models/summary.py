@@ -42,6 +42,7 @@ def measure(name: str, image_size: int = 224, num_classes: int = 1000, **options
     with torch.device("meta"):
         model = build_model(name, num_classes, **options)
         x = torch.empty(1, 3, image_size, image_size)
+    model.eval()  # a batch of one image: BN in training mode would refuse a 1x1 feature map
     counter = FlopCounterMode(display=False)
     with counter:
         model(x)
@@ -50,7 +51,7 @@ def measure(name: str, image_size: int = 224, num_classes: int = 1000, **options
 
 def summarize(name: str, image_size: int = 224, num_classes: int = 1000, **options) -> ModelSize:
     params, gflops = measure(name, image_size, num_classes, **options)
-    plain_params, plain_gflops = measure(name, image_size, num_classes, attention="none")
+    plain_params, plain_gflops = measure(name, image_size, num_classes, **{**options, "attention": "none"})
     return ModelSize(name, params, gflops, plain_params, plain_gflops)
 
 
@@ -59,7 +60,7 @@ def summarize_all(image_size: int = 224, num_classes: int = 1000) -> list[ModelS
 
 
 def format_table(rows: list[ModelSize], image_size: int = 224, markdown: bool = False) -> str:
-    header = ["model", "params", f"GFLOPs@{image_size}", "params w/o SE", "SE params", "SE GFLOPs"]
+    header = ["model", "params", f"GFLOPs@{image_size}", "params without SE", "SE adds params", "SE adds FLOPs"]
     body = [
         [
             r.name,
