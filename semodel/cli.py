@@ -81,6 +81,71 @@ def train_cmd(
     train_from_cli(config, overrides, resume, quiet)
 
 
+@app.command("eval")
+def eval_cmd(
+    checkpoint: Path = typer.Argument(..., help="A checkpoint (best.pt / last.pt) written by semodel train."),
+    data: Optional[Path] = typer.Option(
+        None, "--data", help="Evaluate this ImageFolder (same class names) instead of the run's own split."
+    ),
+    split: str = typer.Option(
+        "auto", "--split", help="auto (test if there is one, else val), train, val, test or all."
+    ),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Also write the figures as JSON here."),
+    plot: Optional[Path] = typer.Option(
+        None, "--plot", help="Write confusion_matrix.png (and roc.png for two classes) to this folder."
+    ),
+    ema: bool = typer.Option(False, "--ema", help="Use the EMA weights."),
+    tta: bool = typer.Option(False, "--tta", help="Average the prediction with the horizontally flipped image."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
+    batch_size: int = typer.Option(64, "--batch-size", "-b", help="Images per batch."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Data loader processes (default: by device)."),
+) -> None:
+    """Metrics of a checkpoint: accuracy, per-class P/R/F1, confusion matrix, ROC-AUC, top-k."""
+    from semodel.evaluate import eval_from_cli
+
+    eval_from_cli(checkpoint, data, split, output, plot, ema, tta, device, batch_size, workers)
+
+
+@app.command("predict")
+def predict_cmd(
+    images: List[str] = typer.Argument(..., help="Image files, folders (searched recursively) or glob patterns."),
+    checkpoint: Optional[Path] = typer.Option(
+        None, "--checkpoint", "-c", help="Checkpoint to use (default: the newest best.pt under ./runs)."
+    ),
+    topk: Optional[int] = typer.Option(None, "--topk", "-k", help="Classes per image (default: min(3, classes))."),
+    fmt: str = typer.Option("table", "--format", "-f", help="table, json or csv (one row per image)."),
+    batch_size: int = typer.Option(32, "--batch-size", "-b", help="Images per batch."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
+    cam: Optional[Path] = typer.Option(
+        None, "--cam", help="Write a Grad-CAM overlay PNG per image (predicted class) to this folder."
+    ),
+    ema: bool = typer.Option(False, "--ema", help="Use the EMA weights."),
+) -> None:
+    """Top-k classes and probabilities per image; exit code 1 if any input could not be read."""
+    from semodel.predict import predict_from_cli
+
+    code = predict_from_cli(images, checkpoint, topk, fmt, batch_size, device, cam, ema)
+    if code:
+        raise typer.Exit(code)
+
+
+@app.command("export")
+def export_cmd(
+    checkpoint: Path = typer.Argument(..., help="A checkpoint written by semodel train."),
+    fmt: str = typer.Option("onnx", "--format", "-f", help="onnx or torchscript."),
+    output: Optional[Path] = typer.Option(
+        None, "--output", "-o", help="Output file (default: beside the checkpoint, .onnx / .torchscript.pt)."
+    ),
+    ema: bool = typer.Option(False, "--ema", help="Export the EMA weights."),
+    atol: float = typer.Option(1e-4, "--atol", help="Largest allowed |exported - PyTorch| logit difference."),
+    opset: Optional[int] = typer.Option(None, "--opset", help="ONNX opset (default: the exporter's)."),
+) -> None:
+    """ONNX or TorchScript with class names and preprocessing inside, verified against PyTorch."""
+    from semodel.export import export_from_cli
+
+    export_from_cli(checkpoint, fmt, output, ema, atol, opset)
+
+
 def main() -> None:
     """Entry point: user errors become one line on stderr and exit code 2, never a traceback."""
     try:
@@ -88,3 +153,6 @@ def main() -> None:
     except SemodelError as e:
         typer.echo(f"error: {e}", err=True)
         sys.exit(2)
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)

@@ -157,6 +157,7 @@ class TrainConfig(Section):
     patience: Optional[int] = Field(None, ge=1, description="early stopping: epochs without improvement")
     seed: int = 0
     deterministic: bool = False
+    sync_bn: bool = Field(False, description="SyncBatchNorm across processes (CUDA only)")
 
 
 class LogConfig(Section):

@@ -11,6 +11,7 @@ def classification_metrics(probs: torch.Tensor, targets: torch.Tensor, classes: 
     """Metrics of ``probs`` (N x C, rows sum to 1) against integer ``targets`` (N).
 
     Keys: ``acc``, ``balanced_acc`` (mean per-class recall), ``f1_macro``, ``f1_weighted``,
+    ``precision_macro``, ``precision_weighted``, ``recall_macro``, ``recall_weighted``,
     ``confusion_matrix`` (rows: true class, columns: predicted; lists of ints), ``per_class``
     ({class: {precision, recall, f1, support}}), ``auc`` (binary ROC-AUC, or one-vs-rest macro;
     None when a class is absent from ``targets``), ``top{k}_acc`` for 1 < k < C, and ``n``.
@@ -26,6 +27,9 @@ def classification_metrics(probs: torch.Tensor, targets: torch.Tensor, classes: 
     out["balanced_acc"] = M.multiclass_recall(probs, targets, average="macro", **kw).item()
     out["f1_macro"] = M.multiclass_f1_score(probs, targets, average="macro", **kw).item()
     out["f1_weighted"] = M.multiclass_f1_score(probs, targets, average="weighted", **kw).item()
+    for average in ("macro", "weighted"):
+        out[f"precision_{average}"] = M.multiclass_precision(probs, targets, average=average, **kw).item()
+        out[f"recall_{average}"] = M.multiclass_recall(probs, targets, average=average, **kw).item()
     precision = M.multiclass_precision(probs, targets, average="none", **kw)
     recall = M.multiclass_recall(probs, targets, average="none", **kw)
     f1 = M.multiclass_f1_score(probs, targets, average="none", **kw)

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Sampler
 
-from semodel import __version__
+from semodel import __version__, distributed
 from semodel.checkpoint import load_checkpoint, save_checkpoint
 from semodel.config import Config, apply_overrides, config_from_dict, load_config, write_yaml
 from semodel.data import (
@@ -151,30 +151,41 @@ def lr_factor(cfg: Config, steps_per_epoch: int) -> Callable[[int], float]:
     return factor
 
 
-class EpochSampler(Sampler[int]):
-    """A fresh order every epoch, reproducible from (seed, epoch), that can start mid-epoch.
+class EpochBatchSampler(Sampler[list[int]]):
+    """Batches in a fresh order every epoch, reproducible from (seed, epoch), sharded over ranks.
 
-    With ``weights`` it draws with replacement in proportion to them (``data.balance: sampler``).
+    The epoch's order is cut into batches of ``batch_size``; rank r of W takes batches
+    r, r + W, r + 2W, ... (the batch count is padded to a multiple of W by repeating the first
+    batches, so every rank makes the same number of steps). W processes with batch B thus see
+    exactly the micro-batches of one process with batch B and ``accum_steps`` W.
+    ``set_epoch(epoch, start)`` skips this rank's first ``start`` batches (resume mid-epoch).
+    With ``weights`` the order is drawn with replacement in proportion to them (``balance: sampler``).
     """
 
-    def __init__(self, n: int, seed: int, weights: torch.Tensor | None = None) -> None:
-        self.n, self.seed, self.weights = n, seed, weights
+    def __init__(
+        self, n: int, batch_size: int, seed: int, rank: int = 0, world: int = 1, weights: torch.Tensor | None = None
+    ) -> None:
+        self.n, self.batch_size, self.seed, self.rank, self.world, self.weights = n, batch_size, seed, rank, world, weights
         self.epoch, self.start = 0, 0
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         self.epoch, self.start = epoch, start
 
-    def order(self) -> list[int]:
+    def batches(self) -> list[list[int]]:
         g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
         if self.weights is not None:
-            return torch.multinomial(self.weights, self.n, replacement=True, generator=g).tolist()
-        return torch.randperm(self.n, generator=g).tolist()
+            order = torch.multinomial(self.weights, self.n, replacement=True, generator=g).tolist()
+        else:
+            order = torch.randperm(self.n, generator=g).tolist()
+        batches = [order[i : i + self.batch_size] for i in range(0, self.n, self.batch_size)]
+        batches += batches[: (-len(batches)) % self.world]
+        return batches[self.rank :: self.world]
 
     def __iter__(self):
-        return iter(self.order()[self.start :])
+        return iter(self.batches()[self.start :])
 
     def __len__(self) -> int:
-        return self.n - self.start
+        return math.ceil(math.ceil(self.n / self.batch_size) / self.world) - self.start
 
 
 class Interrupt:
@@ -356,20 +367,43 @@ def fit(
     resume: Path | None = None,
     quiet: bool = False,
     log: Callable[[str], None] = print,
+    on_finish: Callable[[nn.Module], None] | None = None,
 ) -> Path:
-    """Train ``cfg``; returns the run folder. ``resume`` continues from a checkpoint."""
-    t_start = time.time()
-    resumed = load_checkpoint(resume) if resume else None
-    run_dir = Path(resume).parent if resume else new_run_dir(cfg, config_path)
-    write_yaml(cfg, run_dir / "config.yaml")
-    show_bars = not quiet and sys.stderr.isatty()
+    """Train ``cfg``; returns the run folder. ``resume`` continues from a checkpoint.
 
+    Under torchrun every process calls this; rank 0 writes the run folder and prints.
+    ``on_finish(model)`` is called on every rank with the trained (last-epoch) model.
+    """
+    t_start = time.time()
+    world = distributed.init(cfg.train.device)
+    if not world.is_main:
+        log, quiet = (lambda message: None), True
+    try:
+        return _fit(cfg, config_path, resume, quiet, log, on_finish, world, t_start)
+    finally:
+        distributed.shutdown(world)
+
+
+def _fit(cfg, config_path, resume, quiet, log, on_finish, world: distributed.World, t_start: float) -> Path:
+    resumed = load_checkpoint(resume) if resume else None
+    show_bars = not quiet and sys.stderr.isatty()
     seed_everything(cfg.train.seed, cfg.train.deterministic)
     device = select_device(cfg.train.device)
+    if world.distributed and device.type == "cuda":
+        device = torch.device("cuda", world.local_rank)
+    if cfg.train.sync_bn and world.distributed and device.type != "cuda":
+        raise SemodelError("train.sync_bn needs CUDA devices (PyTorch's SyncBatchNorm does not run on CPU)")
     dtype = amp_dtype(cfg.train.amp, device)
 
-    # Data
-    data = prepare_dataset(cfg, run_dir, resume=resumed is not None, log=log)
+    # Run folder and data: rank 0 scans, splits and writes split.csv; the others read it.
+    run_dir = None
+    if world.is_main:
+        run_dir = Path(resume).parent if resume else new_run_dir(cfg, config_path)
+        write_yaml(cfg, run_dir / "config.yaml")
+        data = prepare_dataset(cfg, run_dir, resume=resumed is not None, log=log)
+    run_dir = distributed.broadcast_object(run_dir, world)
+    if not world.is_main:
+        data = prepare_dataset(cfg, run_dir, resume=True, log=log)
     if resumed and list(resumed["classes"]) != data.classes:
         raise SemodelError(f"{resume}: trained on classes {resumed['classes']}, but {data.root} has {data.classes}")
     workers = cfg.data.num_workers if cfg.data.num_workers != "auto" else default_workers(device.type)
@@ -378,8 +412,8 @@ def fit(
     counts = torch.tensor(data.counts("train"), dtype=torch.float)
     if cfg.data.balance == "sampler":
         weights = (1.0 / counts)[torch.tensor([label for _, label in train_set.items])]
-    sampler = EpochSampler(len(train_set), cfg.train.seed, weights)
-    loader_kw = dict(
+    sampler = EpochBatchSampler(len(train_set), cfg.data.batch_size, cfg.train.seed, world.rank, world.size, weights)
+    loader_kw: dict[str, Any] = dict(
         num_workers=workers,
         pin_memory=device.type == "cuda",
         persistent_workers=workers > 0,
@@ -387,15 +421,17 @@ def fit(
     )
     if workers > 0:
         loader_kw["prefetch_factor"] = 4
-    train_loader = DataLoader(train_set, cfg.data.batch_size, sampler=sampler, drop_last=False, **loader_kw)
+    train_loader = DataLoader(train_set, batch_sampler=sampler, **loader_kw)
     preprocess = preprocess_of(cfg)
+    # Each rank evaluates every W-th validation image; predictions are gathered before metrics.
+    val_samples = data.split("val")[world.rank :: world.size]
     val_loader = DataLoader(
-        ImageList(data.root, data.split("val"), eval_transform(preprocess)), cfg.data.batch_size * 2, **loader_kw
+        ImageList(data.root, val_samples, eval_transform(preprocess)), cfg.data.batch_size * 2, **loader_kw
     )
     log(
         f"data: {data.root}  classes: {', '.join(data.classes)}  "
         f"train/val/test: {len(data.split('train'))}/{len(data.split('val'))}/{len(data.split('test'))}  "
-        f"workers: {workers}"
+        f"workers: {workers}" + (f"  processes: {world.size} x batch {cfg.data.batch_size}" if world.distributed else "")
     )
 
     # Model, optimizer, schedule
@@ -413,11 +449,14 @@ def fit(
         drop_rate=m.drop_rate,
         memory_efficient=m.memory_efficient,
         pretrained=None if resumed else m.pretrained,
-    ).to(device)
+    )
+    if cfg.train.sync_bn and world.distributed:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = model.to(device)
     memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
     model = model.to(memory_format=memory_format)
     optimizer = make_optimizer(cfg, model)
-    steps_per_epoch = math.ceil(math.ceil(len(train_set) / cfg.data.batch_size) / cfg.train.accum_steps)
+    steps_per_epoch = math.ceil(len(sampler) / cfg.train.accum_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg, steps_per_epoch))
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     ema = None
@@ -441,18 +480,27 @@ def fit(
             ema.module.load_state_dict(resumed["ema"])
             ema.n_averaged.fill_(max(1, resumed["progress"]["global_step"]))
         state = RunState(**resumed["progress"])
-        set_rng_state(resumed["rng"])
+        rng_states = resumed.get("rng_ranks") or [resumed["rng"]]
+        set_rng_state(rng_states[world.rank] if len(rng_states) == world.size else rng_states[0])
         log(f"resuming {run_dir} at epoch {state.epoch + 1} (step {state.step_in_epoch} of it)")
+    elif world.distributed:
+        torch.manual_seed(cfg.train.seed + world.rank)  # each rank its own augmentation stream
     log(f"model: {m.name} (attention {m.attention})  device: {device}  amp: {dtype or 'off'}  "
         f"params: {sum(p.numel() for p in model.parameters()):,}")
 
-    train_model = torch.compile(model) if cfg.train.compile else model
+    train_model: nn.Module = torch.compile(model) if cfg.train.compile else model
+    if world.distributed:
+        from torch.nn.parallel import DistributedDataParallel
+
+        train_model = DistributedDataParallel(train_model, device_ids=[device.index] if device.type == "cuda" else None)
     monitor_key, higher_better = MONITORS[cfg.train.monitor]
-    purge = state.epoch + 1 if resumed else None
-    logger = Logger(run_dir, cfg.log.tensorboard, purge)
+    logger = Logger(run_dir, cfg.log.tensorboard and world.is_main, state.epoch + 1 if resumed else None)
     config_dict = cfg.to_dict()
 
-    def checkpoint(metrics: dict[str, Any] | None) -> dict[str, Any]:
+    def checkpoint(metrics: dict[str, Any] | None) -> dict[str, Any] | None:
+        rngs = distributed.gather_objects(rng_state(), world)  # a collective: every rank calls it
+        if not world.is_main:
+            return None
         return {
             "config": config_dict,
             "classes": data.classes,
@@ -466,7 +514,9 @@ def fit(
             "progress": vars(state).copy(),
             "best": {"metric": cfg.train.monitor, "value": state.best_value, "epoch": state.best_epoch},
             "metrics": metrics or {},
-            "rng": rng_state(),
+            "rng": rngs[0],
+            "rng_ranks": rngs if world.distributed else [],
+            "world_size": world.size,
             "run_dir": str(run_dir),
         }
 
@@ -475,20 +525,27 @@ def fit(
     with Interrupt() as interrupt:
         while state.epoch < cfg.train.epochs:
             epoch = state.epoch + 1
-            sampler.set_epoch(epoch, state.step_in_epoch * cfg.data.batch_size)
+            sampler.set_epoch(epoch, state.step_in_epoch)
             t0 = time.time()
             train_stats = train_one_epoch(
                 train_model, ema, train_loader, optimizer, scheduler, scaler, device, dtype, cfg, mix,
-                class_weights, state, interrupt, logger, show_bars, epoch, first_run=resumed is None,
+                class_weights, state, interrupt, logger, show_bars, epoch, resumed is None, world,
             )
             if interrupt.requested:
-                save_checkpoint(checkpoint(None), run_dir / "last.pt")
+                ckpt = checkpoint(None)
+                if world.is_main:
+                    save_checkpoint(ckpt, run_dir / "last.pt")
                 log(f"interrupted in epoch {epoch}; saved {run_dir / 'last.pt'}\nresume with: {resume_hint}")
                 logger.close()
                 raise SystemExit(130)
             train_time = time.time() - t0
             eval_model = ema.module if ema is not None else model
             probs, targets, val_loss = predict_probs(eval_model, val_loader, device, dtype, cfg.train.channels_last)
+            if world.distributed:
+                parts = distributed.gather_objects((probs, targets, val_loss * len(targets)), world)
+                probs = torch.cat([p for p, _, _ in parts])
+                targets = torch.cat([t for _, t, _ in parts])
+                val_loss = sum(loss for _, _, loss in parts) / len(targets)
             metrics = classification_metrics(probs, targets, data.classes)
             metrics["loss"] = val_loss
             state.epoch, state.step_in_epoch = epoch, 0
@@ -499,10 +556,11 @@ def fit(
                 state.best_value, state.best_epoch, state.stale_epochs = value, epoch, 0
             else:
                 state.stale_epochs += 1
-            ckpt = checkpoint(summary_metrics(metrics))
-            save_checkpoint(ckpt, run_dir / "last.pt")
-            if improved:
-                save_checkpoint(ckpt, run_dir / "best.pt")
+            ckpt = checkpoint(metrics)
+            if world.is_main:
+                save_checkpoint(ckpt, run_dir / "last.pt")
+                if improved:
+                    save_checkpoint(ckpt, run_dir / "best.pt")
 
             lr = optimizer.param_groups[0]["lr"]
             logger.scalars(
@@ -521,7 +579,7 @@ def fit(
                 epoch,
             )
             logger.confusion(metrics["confusion_matrix"], data.classes, epoch)
-            history.append({"epoch": epoch, "train": train_stats, "val": summary_metrics(metrics)})
+            history.append({"epoch": epoch, "train": train_stats, "val": metrics})
             log(
                 f"epoch {epoch}/{cfg.train.epochs}  train loss {train_stats['loss']:.4f} acc {train_stats['acc']:.1%}  "
                 f"val loss {val_loss:.4f} acc {metrics['acc']:.1%} f1 {metrics['f1_macro']:.3f}  lr {lr:.2e}  "
@@ -531,7 +589,18 @@ def fit(
                 log(f"early stopping: {cfg.train.monitor} has not improved for {state.stale_epochs} epochs")
                 break
 
-    # Final: test the best weights on the held-out split, write metrics.json
+    if on_finish is not None:
+        on_finish(model)
+    distributed.barrier(world)
+    if world.is_main:
+        finish_run(cfg, run_dir, data, model, ema is not None, state, history, device, dtype, loader_kw,
+                   logger, log, t_start)
+    logger.close()
+    return run_dir
+
+
+def finish_run(cfg, run_dir, data, model, use_ema, state, history, device, dtype, loader_kw, logger, log, t_start):
+    """Test the best weights on the held-out split (if any); write metrics.json and hparams."""
     result: dict[str, Any] = {
         "best": {"metric": cfg.train.monitor, "value": state.best_value, "epoch": state.best_epoch},
         "epochs": state.epoch,
@@ -543,12 +612,14 @@ def fit(
     best = load_checkpoint(run_dir / "best.pt")
     result["val"] = best["metrics"]
     if data.split("test"):
-        model.load_state_dict(best["ema"] if ema is not None else best["model"])
+        model.load_state_dict(best["ema"] if use_ema else best["model"])
         test_loader = DataLoader(
-            ImageList(data.root, data.split("test"), eval_transform(preprocess)), cfg.data.batch_size * 2, **loader_kw
+            ImageList(data.root, data.split("test"), eval_transform(best["preprocess"])),
+            cfg.data.batch_size * 2,
+            **loader_kw,
         )
         probs, targets, test_loss = predict_probs(model, test_loader, device, dtype, cfg.train.channels_last)
-        test = summary_metrics(classification_metrics(probs, targets, data.classes))
+        test = classification_metrics(probs, targets, data.classes)
         test["loss"] = test_loss
         result["test"] = test
         log(f"test (best epoch {state.best_epoch}): acc {test['acc']:.1%}  balanced acc {test['balanced_acc']:.1%}  "
@@ -557,15 +628,9 @@ def fit(
     tmp.write_text(json.dumps(result, indent=2))
     os.replace(tmp, run_dir / "metrics.json")
     final = {f"hparam/{k}": v for k, v in (result.get("test") or result["val"]).items() if isinstance(v, float)}
-    logger.hparams(flat_hparams(config_dict), final)
-    logger.close()
+    logger.hparams(flat_hparams(cfg.to_dict()), final)
     log(f"done in {result['wall_time_s']:.0f}s: {run_dir}  (best {cfg.train.monitor} {state.best_value:.4f} "
         f"at epoch {state.best_epoch}; checkpoints best.pt, last.pt)")
-    return run_dir
-
-
-def summary_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in metrics.items() if k != "per_class"} | {"per_class": metrics.get("per_class", {})}
 
 
 def make_mixer(cfg: Config, num_classes: int):
@@ -585,6 +650,7 @@ def make_mixer(cfg: Config, num_classes: int):
 def train_one_epoch(
     model, ema, loader, optimizer, scheduler, scaler, device, dtype, cfg: Config, mix, class_weights,
     state: RunState, interrupt: Interrupt, logger: Logger, show_bars: bool, epoch: int, first_run: bool,
+    world: distributed.World = distributed.World(),
 ) -> dict[str, float]:
     from tqdm import tqdm
 
@@ -595,7 +661,8 @@ def train_one_epoch(
     bar = tqdm(loader, desc=f"epoch {epoch}/{cfg.train.epochs}", leave=False, disable=not show_bars, dynamic_ncols=True)
     optimizer.zero_grad(set_to_none=True)
     pending = 0
-    for images, labels in bar:
+    last_batch = len(loader) - 1
+    for index, (images, labels) in enumerate(bar):
         if images.numel() == 0:
             continue
         images = images.to(device, non_blocking=True)
@@ -607,15 +674,20 @@ def train_one_epoch(
         hard_labels = labels
         if mix is not None:
             images, labels = mix(images, labels)
-        with autocast(device, dtype):
-            logits = model(images)
-        loss = F.cross_entropy(logits.float(), labels, weight=class_weights, label_smoothing=cfg.train.label_smoothing)
-        if not torch.isfinite(loss):
-            raise SemodelError(
-                f"loss became {loss.item()} in epoch {epoch}, step {state.step_in_epoch + 1}; stopped. "
-                f"The last good checkpoint is kept; try a lower optim.lr or set train.clip_grad"
+        # Under DDP, gradients are averaged across ranks only on the micro-batch that steps.
+        skip_sync = world.distributed and pending + 1 < accum and index < last_batch
+        with model.no_sync() if skip_sync else nullcontext():
+            with autocast(device, dtype):
+                logits = model(images)
+            loss = F.cross_entropy(
+                logits.float(), labels, weight=class_weights, label_smoothing=cfg.train.label_smoothing
             )
-        scaler.scale(loss / accum).backward()
+            if not torch.isfinite(loss):
+                raise SemodelError(
+                    f"loss became {loss.item()} in epoch {epoch}, step {state.step_in_epoch + 1}; stopped. "
+                    f"The last good checkpoint is kept; try a lower optim.lr or set train.clip_grad"
+                )
+            scaler.scale(loss / accum).backward()
         pending += 1
         state.step_in_epoch += 1
         if pending == accum:
@@ -629,13 +701,16 @@ def train_one_epoch(
         if show_bars:
             bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.1%}",
                             lr=f"{optimizer.param_groups[0]['lr']:.1e}", ips=f"{seen / (time.time() - t0):.0f}")
-        if interrupt.requested and pending == 0:
+        if pending == 0 and distributed.any_rank(interrupt.requested, world):
+            interrupt.requested = True  # every rank stops after the same step
             break
     if pending and not interrupt.requested:
         optimizer_step(model, ema, optimizer, scheduler, scaler, cfg)
         state.global_step += 1
     bar.close()
     elapsed = max(time.time() - t0, 1e-9)
+    totals = distributed.gather_objects((loss_sum, correct, seen), world)
+    loss_sum, correct, seen = (sum(t[i] for t in totals) for i in range(3))
     return {"loss": loss_sum / max(seen, 1), "acc": correct / max(seen, 1), "images_per_s": seen / elapsed}
 
 
