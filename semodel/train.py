@@ -351,6 +351,11 @@ def flat_hparams(config: dict[str, Any]) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- the run
 
 
+def log_line(message: str) -> None:
+    """One line on stdout, flushed at once: logs of a run in the background stay current."""
+    print(message, flush=True)
+
+
 @dataclass
 class RunState:
     epoch: int = 0  # epochs completed
@@ -366,7 +371,7 @@ def fit(
     config_path: Path | None = None,
     resume: Path | None = None,
     quiet: bool = False,
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] | None = None,
     on_finish: Callable[[nn.Module], None] | None = None,
 ) -> Path:
     """Train ``cfg``; returns the run folder. ``resume`` continues from a checkpoint.
@@ -375,6 +380,7 @@ def fit(
     ``on_finish(model)`` is called on every rank with the trained (last-epoch) model.
     """
     t_start = time.time()
+    log = log or log_line
     world = distributed.init(cfg.train.device)
     if not world.is_main:
         log, quiet = (lambda message: None), True
