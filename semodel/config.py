@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import difflib
 import re
+import types
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Optional, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -28,7 +29,7 @@ class Section(BaseModel):
 class ModelConfig(Section):
     name: ModelName = "se_resnet18"
     attention: Literal["se", "none"] = "se"
-    reduction: float = Field(16, gt=0, description="SE reduction ratio r: hidden width = channels / r")
+    reduction: float = Field(16.0, gt=0, description="SE reduction ratio r: hidden width = channels / r")
     min_channels: int = Field(1, ge=1, description="floor on the SE hidden width")
     bias: bool = True
     gate: Literal["sigmoid", "hard_sigmoid"] = "sigmoid"
@@ -159,6 +160,12 @@ class TrainConfig(Section):
     deterministic: bool = False
     sync_bn: bool = Field(False, description="SyncBatchNorm across processes (CUDA only)")
 
+    @field_validator("amp", mode="before")
+    @classmethod
+    def _yaml_off(cls, value: Any) -> Any:
+        # YAML 1.1 reads a bare `off` (also `no`, `false`) as False: `amp: off` means "off".
+        return "off" if value is False else value
+
 
 class LogConfig(Section):
     out_dir: str = "runs"
@@ -277,19 +284,53 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return raw
 
 
+_UNKNOWN = object()
+
+
+def _schema_type(parts: list[str]) -> Any:
+    """The annotation of the dotted key ``parts`` in the schema, or ``_UNKNOWN``."""
+    annotation: Any = Config
+    for part in parts:
+        sections = _section_types(annotation)
+        if not sections or part not in sections[0].model_fields:
+            return _UNKNOWN
+        annotation = sections[0].model_fields[part].annotation
+    return annotation
+
+
+def _takes_text(annotation: Any, text: str) -> bool:
+    """Whether a field of this type takes ``text`` verbatim: a str field, or a Literal listing it."""
+    if annotation is str:
+        return True
+    origin = get_origin(annotation)
+    if origin is Literal:
+        return text in get_args(annotation)
+    if origin in (Union, types.UnionType):
+        return any(_takes_text(a, text) for a in get_args(annotation))
+    return False
+
+
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``a.b=value`` strings; values are parsed as YAML (``0.1``, ``true``, ``[a, b]``)."""
+    """Apply ``a.b=value`` strings; values are parsed as YAML (``0.1``, ``true``, ``[a, b]``), except
+    that a string field takes the text as it is (``log.name=2024``, ``train.amp=off``)."""
     for item in overrides:
         key, sep, text = item.partition("=")
         key = key.strip()
         if not sep or not key or any(not part for part in key.split(".")):
             raise SemodelError(f"--set {item!r}: expected KEY=VALUE with a dotted key, e.g. optim.lr=0.01")
+        parts = key.split(".")
+        for depth in range(1, len(parts)):
+            annotation = _schema_type(parts[:depth])
+            if annotation is not _UNKNOWN and not _section_types(annotation):
+                raise SemodelError(f"--set {item!r}: '{'.'.join(parts[:depth])}' is not a section")
         try:
             value = yaml.safe_load(text) if text.strip() else None
         except yaml.YAMLError:
             value = text
+        scalar = value is not None and not isinstance(value, (str, dict, list))
+        if scalar and _takes_text(_schema_type(parts), text.strip()):
+            value = text.strip()
         node = raw
-        parts = key.split(".")
         for depth, part in enumerate(parts[:-1]):
             child = node.get(part)
             if child is None:

@@ -351,6 +351,11 @@ def flat_hparams(config: dict[str, Any]) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- the run
 
 
+def diverged(what: str, state: RunState) -> str:
+    kept = "the last good checkpoint is kept" if state.epoch > 0 else "no checkpoint had been written yet"
+    return f"{what}; stopped without saving it ({kept}). Try a lower optim.lr or set train.clip_grad"
+
+
 def log_line(message: str) -> None:
     """One line on stdout, flushed at once: logs of a run in the background stay current."""
     print(message, flush=True)
@@ -478,8 +483,19 @@ def _fit(cfg, config_path, resume, quiet, log, on_finish, world: distributed.Wor
     state = RunState()
     if resumed:
         model.load_state_dict(resumed["model"])
+        # Keep the optimizer's state (momentum, Adam moments) but this config's hyperparameters,
+        # so that `--set optim.lr=...` on resume takes effect; a stored value would override it.
+        configured = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
         optimizer.load_state_dict(resumed["optimizer"])
         scheduler.load_state_dict(resumed["scheduler"])
+        for group, settings in zip(optimizer.param_groups, configured, strict=True):
+            group.update(settings)
+        scheduler.base_lrs = [settings["initial_lr"] for settings in configured]
+        # The stored lr follows the stored schedule; with `--set train.epochs=...` (or another
+        # schedule) the next step must use this run's schedule at the restored step.
+        schedule = zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True)
+        for group, base_lr, factor in schedule:
+            group["lr"] = base_lr * factor(scheduler.last_epoch)
         if resumed.get("scaler"):
             scaler.load_state_dict(resumed["scaler"])
         if ema is not None and resumed.get("ema"):
@@ -520,6 +536,7 @@ def _fit(cfg, config_path, resume, quiet, log, on_finish, world: distributed.Wor
             "progress": vars(state).copy(),
             "best": {"metric": cfg.train.monitor, "value": state.best_value, "epoch": state.best_epoch},
             "metrics": metrics or {},
+            "history": history,
             "rng": rngs[0],
             "rng_ranks": rngs if world.distributed else [],
             "world_size": world.size,
@@ -527,7 +544,7 @@ def _fit(cfg, config_path, resume, quiet, log, on_finish, world: distributed.Wor
         }
 
     resume_hint = f"semodel train --resume {run_dir / 'last.pt'}"
-    history: list[dict[str, Any]] = []
+    history: list[dict[str, Any]] = list(resumed.get("history", [])) if resumed else []
     with Interrupt() as interrupt:
         while state.epoch < cfg.train.epochs:
             epoch = state.epoch + 1
@@ -552,6 +569,8 @@ def _fit(cfg, config_path, resume, quiet, log, on_finish, world: distributed.Wor
                 probs = torch.cat([p for p, _, _ in parts])
                 targets = torch.cat([t for _, t, _ in parts])
                 val_loss = sum(loss for _, _, loss in parts) / len(targets)
+            if not math.isfinite(val_loss):  # the weights diverged in the epoch's last steps
+                raise SemodelError(diverged(f"validation loss became {val_loss} after epoch {epoch}", state))
             metrics = classification_metrics(probs, targets, data.classes)
             metrics["loss"] = val_loss
             state.epoch, state.step_in_epoch = epoch, 0
@@ -562,6 +581,7 @@ def _fit(cfg, config_path, resume, quiet, log, on_finish, world: distributed.Wor
                 state.best_value, state.best_epoch, state.stale_epochs = value, epoch, 0
             else:
                 state.stale_epochs += 1
+            history.append({"epoch": epoch, "train": train_stats, "val": metrics})
             ckpt = checkpoint(metrics)
             if world.is_main:
                 save_checkpoint(ckpt, run_dir / "last.pt")
@@ -585,7 +605,6 @@ def _fit(cfg, config_path, resume, quiet, log, on_finish, world: distributed.Wor
                 epoch,
             )
             logger.confusion(metrics["confusion_matrix"], data.classes, epoch)
-            history.append({"epoch": epoch, "train": train_stats, "val": metrics})
             log(
                 f"epoch {epoch}/{cfg.train.epochs}  train loss {train_stats['loss']:.4f} acc {train_stats['acc']:.1%}  "
                 f"val loss {val_loss:.4f} acc {metrics['acc']:.1%} f1 {metrics['f1_macro']:.3f}  lr {lr:.2e}  "
@@ -689,10 +708,7 @@ def train_one_epoch(
                 logits.float(), labels, weight=class_weights, label_smoothing=cfg.train.label_smoothing
             )
             if not torch.isfinite(loss):
-                raise SemodelError(
-                    f"loss became {loss.item()} in epoch {epoch}, step {state.step_in_epoch + 1}; stopped. "
-                    f"The last good checkpoint is kept; try a lower optim.lr or set train.clip_grad"
-                )
+                raise SemodelError(diverged(f"loss became {loss.item()} in epoch {epoch}, step {state.step_in_epoch + 1}", state))
             scaler.scale(loss / accum).backward()
         pending += 1
         state.step_in_epoch += 1
