@@ -7,6 +7,7 @@ another ImageFolder instead; its class names must be the checkpoint's.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -132,11 +133,27 @@ def folder_eval_set(folder: Path, classes: list[str], split: str) -> EvalSet:
 # ----------------------------------------------------------------------------- inference
 
 
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """Mixed precision in ``dtype`` on ``device``; a no-op for None."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
 @torch.inference_mode()
 def predict_probs(
-    model: nn.Module, loader, device: torch.device, tta: bool = False, progress: bool = False
+    model: nn.Module,
+    loader,
+    device: torch.device,
+    dtype: torch.dtype | None = None,
+    channels_last: bool = False,
+    tta: bool = False,
+    progress: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """Softmax probabilities, targets and mean cross-entropy; ``tta`` averages logits with the hflip."""
+    """Softmax probabilities (N x C), targets (N) and the mean cross-entropy over ``loader``.
+
+    ``dtype`` runs the model under autocast; ``tta`` averages the logits with the hflip's.
+    """
     model.eval()
     probs, targets, loss_sum = [], [], 0.0
     batches = loader
@@ -148,10 +165,13 @@ def predict_probs(
         if images.numel() == 0:
             continue
         images = images.to(device, non_blocking=True)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
         labels = labels.to(device)
-        logits = model(images).float()
-        if tta:
-            logits = (logits + model(torch.flip(images, dims=[3])).float()) / 2
+        with autocast(device, dtype):
+            logits = model(images).float()
+            if tta:
+                logits = (logits + model(torch.flip(images, dims=[3])).float()) / 2
         loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
         probs.append(logits.softmax(1).cpu())
         targets.append(labels.cpu())

@@ -28,7 +28,6 @@ from semodel import __version__, distributed
 from semodel.checkpoint import load_checkpoint, save_checkpoint
 from semodel.config import Config, apply_overrides, config_from_dict, load_config, write_yaml
 from semodel.data import (
-    Dataset,
     ImageList,
     collate_skip_bad,
     default_workers,
@@ -38,6 +37,7 @@ from semodel.data import (
     train_transform,
 )
 from semodel.errors import SemodelError
+from semodel.evaluate import autocast, predict_probs
 from semodel.metrics import classification_metrics
 from semodel.models import build_model
 
@@ -225,71 +225,7 @@ def new_run_dir(cfg: Config, config_path: Path | None) -> Path:
     return candidate
 
 
-# ----------------------------------------------------------------------------- inference
-
-
-@torch.no_grad()
-def predict_probs(
-    model: nn.Module,
-    loader: DataLoader,
-    device: torch.device,
-    dtype: torch.dtype | None = None,
-    channels_last: bool = False,
-    tta: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """Softmax probabilities and targets over ``loader``, and the mean cross-entropy loss."""
-    model.eval()
-    probs, targets, loss_sum = [], [], 0.0
-    for images, labels in loader:
-        if images.numel() == 0:
-            continue
-        images = images.to(device, non_blocking=True)
-        if channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        with autocast(device, dtype):
-            logits = model(images).float()
-            if tta:
-                logits = (logits + model(torch.flip(images, dims=[3])).float()) / 2
-        labels = labels.to(device)
-        loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
-        probs.append(logits.softmax(1).cpu())
-        targets.append(labels.cpu())
-    if not probs:
-        raise SemodelError("no readable image to evaluate")
-    targets_t = torch.cat(targets)
-    return torch.cat(probs), targets_t, loss_sum / len(targets_t)
-
-
-def autocast(device: torch.device, dtype: torch.dtype | None):
-    if dtype is None:
-        return nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
 # ----------------------------------------------------------------------------- logging
-
-
-def confusion_figure(matrix: list[list[int]], classes: list[str], title: str = "confusion matrix"):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    n = len(classes)
-    fig, ax = plt.subplots(figsize=(1.2 + 0.7 * n, 1.0 + 0.7 * n), dpi=100)
-    cm = np.asarray(matrix)
-    ax.imshow(cm, cmap="Blues")
-    ax.set_xticks(range(n), classes, rotation=45, ha="right")
-    ax.set_yticks(range(n), classes)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title(title)
-    top = cm.max() if cm.size else 0
-    for i in range(n):
-        for j in range(n):
-            ax.text(j, i, str(cm[i, j]), ha="center", va="center", color="white" if cm[i, j] > top / 2 else "black")
-    fig.tight_layout()
-    return fig
 
 
 class Logger:
@@ -311,6 +247,8 @@ class Logger:
     def confusion(self, matrix, classes, step: int) -> None:
         if self.writer:
             import matplotlib.pyplot as plt
+
+            from semodel.plots import confusion_figure
 
             fig = confusion_figure(matrix, classes, f"validation, epoch {step}")
             self.writer.add_figure("val/confusion_matrix", fig, step)
