@@ -6,6 +6,7 @@ Heavy imports (torch, torchvision, the training code) happen inside the commands
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -72,13 +73,53 @@ def train_cmd(
     overrides: List[str] = typer.Option([], "--set", "-s", help="Override a key: --set optim.lr=0.01 (repeatable)."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue a run from its last.pt."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="One line per epoch, no progress bars."),
+    nproc: Optional[int] = typer.Option(
+        None, "--nproc", min=1,
+        help="Train with N processes on this machine (DistributedDataParallel through "
+        "torch.distributed.run): one per GPU, or N CPU processes.",
+    ),
 ) -> None:
     """Train a model from a YAML experiment; writes runs/<name>/ (config, split, TensorBoard, checkpoints)."""
-    from semodel.train import train_from_cli
-
     if config is None and resume is None:
         raise SemodelError("give --config FILE (a new run) or --resume runs/<run>/last.pt (continue one)")
+    if nproc is not None and nproc > 1:
+        args = ["--config", str(config)] if config is not None else []
+        args += [a for o in overrides for a in ("--set", o)]
+        args += ["--resume", str(resume)] if resume is not None else []
+        args += ["--quiet"] if quiet else []
+        code = _launch(nproc, args)
+        if code:
+            raise typer.Exit(code)
+        return
+    from semodel.train import train_from_cli
+
     train_from_cli(config, overrides, resume, quiet)
+
+
+def _launch(nproc: int, train_args: list[str]) -> int:
+    """``semodel train TRAIN_ARGS`` in ``nproc`` processes through torch.distributed.run; its exit code."""
+    import subprocess
+
+    if "RANK" in os.environ:
+        raise SemodelError("--nproc starts its own processes; leave it out when torchrun starts semodel")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "-m", "semodel", "train", *train_args]
+    process = subprocess.Popen(command)
+    interrupted = False
+    while True:
+        try:
+            code = process.wait()
+            break
+        except KeyboardInterrupt:
+            # The launcher got the same Ctrl-C: it passes it on to the processes, which save
+            # last.pt (rank 0 prints how to resume) and stop.
+            interrupted = True
+    if interrupted:
+        return 130
+    if code:
+        typer.echo(f"error: training with {nproc} processes failed (exit code {code}); "
+                   "the failing process's message is above", err=True)
+    return code
 
 
 @app.command("eval")
@@ -146,12 +187,18 @@ def export_cmd(
     export_from_cli(checkpoint, fmt, output, ema, atol, opset)
 
 
+def _process_name() -> str:
+    """``[rank 1 of 2] `` when torchrun started several processes, so that a failure names its process."""
+    world = os.environ.get("WORLD_SIZE", "1")
+    return f"[rank {os.environ.get('RANK', '?')} of {world}] " if world != "1" else ""
+
+
 def main() -> None:
     """Entry point: user errors become one line on stderr and exit code 2, never a traceback."""
     try:
         app()
     except SemodelError as e:
-        typer.echo(f"error: {e}", err=True)
+        typer.echo(f"error: {_process_name()}{e}", err=True)
         sys.exit(2)
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)

@@ -16,6 +16,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from semodel.errors import SemodelError
+
 
 @dataclass(frozen=True)
 class World:
@@ -45,6 +47,10 @@ def init(device_name: str) -> World:
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     use_cuda = torch.cuda.is_available() and device_name in ("auto", "cuda") or device_name.startswith("cuda")
     if use_cuda:
+        gpus = torch.cuda.device_count()
+        if local_rank >= gpus:
+            raise SemodelError(f"process {local_rank} on this machine has no GPU of its own "
+                               f"({gpus} visible): start at most one process per GPU")
         torch.cuda.set_device(local_rank)
     dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timedelta(minutes=30))
     return World(dist.get_rank(), local_rank, dist.get_world_size())
@@ -82,6 +88,18 @@ def any_rank(flag: bool, world: World) -> bool:
     t = torch.tensor([1.0 if flag else 0.0], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item() > 0)
+
+
+def broadcast_buffers(module: torch.nn.Module, world: World) -> None:
+    """Rank 0's buffers (BatchNorm running statistics) on every rank.
+
+    DDP copies rank 0's buffers to the others at the start of each forward pass, so after an
+    epoch's last step every rank holds statistics updated by its own last batch. Called before
+    validation, so that every rank evaluates (and ends with) the weights that rank 0 saves.
+    """
+    if world.distributed:
+        for buffer in module.buffers():
+            dist.broadcast(buffer, src=0)
 
 
 def barrier(world: World) -> None:

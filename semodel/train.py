@@ -157,7 +157,8 @@ class EpochBatchSampler(Sampler[list[int]]):
     The epoch's order is cut into batches of ``batch_size``; rank r of W takes batches
     r, r + W, r + 2W, ... (the batch count is padded to a multiple of W by repeating the first
     batches, so every rank makes the same number of steps). W processes with batch B thus see
-    exactly the micro-batches of one process with batch B and ``accum_steps`` W.
+    exactly the micro-batches of one process with batch B and ``accum_steps`` W (when the batch
+    count is a multiple of W: else the padding repeats some, and the last accumulation is short).
     ``set_epoch(epoch, start)`` skips this rank's first ``start`` batches (resume mid-epoch).
     With ``weights`` the order is drawn with replacement in proportion to them (``balance: sampler``).
     """
@@ -344,15 +345,14 @@ def _fit(cfg, config_path, resume, quiet, log, on_finish, world: distributed.Wor
         raise SemodelError("train.sync_bn needs CUDA devices (PyTorch's SyncBatchNorm does not run on CPU)")
     dtype = amp_dtype(cfg.train.amp, device)
 
-    # Run folder and data: rank 0 scans, splits and writes split.csv; the others read it.
-    run_dir = None
+    # Run folder and data: rank 0 scans, splits and writes split.csv, and sends the split to the
+    # others (so that other nodes need the images, but not the run folder).
+    run_dir = data = None
     if world.is_main:
         run_dir = Path(resume).parent if resume else new_run_dir(cfg, config_path)
         write_yaml(cfg, run_dir / "config.yaml")
         data = prepare_dataset(cfg, run_dir, resume=resumed is not None, log=log)
-    run_dir = distributed.broadcast_object(run_dir, world)
-    if not world.is_main:
-        data = prepare_dataset(cfg, run_dir, resume=True, log=log)
+    run_dir, data = distributed.broadcast_object((run_dir, data), world)
     if resumed and list(resumed["classes"]) != data.classes:
         raise SemodelError(f"{resume}: trained on classes {resumed['classes']}, but {data.root} has {data.classes}")
     workers = cfg.data.num_workers if cfg.data.num_workers != "auto" else default_workers(device.type)
@@ -372,7 +372,11 @@ def _fit(cfg, config_path, resume, quiet, log, on_finish, world: distributed.Wor
         loader_kw["prefetch_factor"] = 4
     train_loader = DataLoader(train_set, batch_sampler=sampler, **loader_kw)
     preprocess = preprocess_of(cfg)
-    # Each rank evaluates every W-th validation image; predictions are gathered before metrics.
+    # Each rank evaluates every W-th validation image; predictions are gathered before metrics,
+    # so that they cover every validation image exactly once.
+    if len(data.split("val")) < world.size:
+        raise SemodelError(f"{len(data.split('val'))} validation images for {world.size} processes: "
+                           "each process needs at least one; use fewer processes or a larger data.split.val")
     val_samples = data.split("val")[world.rank :: world.size]
     val_loader = DataLoader(
         ImageList(data.root, val_samples, eval_transform(preprocess)), cfg.data.batch_size * 2, **loader_kw
@@ -481,7 +485,7 @@ def _fit(cfg, config_path, resume, quiet, log, on_finish, world: distributed.Wor
             "run_dir": str(run_dir),
         }
 
-    resume_hint = f"semodel train --resume {run_dir / 'last.pt'}"
+    resume_hint = f"semodel train --resume {run_dir / 'last.pt'}" + (f" --nproc {world.size}" if world.distributed else "")
     history: list[dict[str, Any]] = list(resumed.get("history", [])) if resumed else []
     with Interrupt() as interrupt:
         while state.epoch < cfg.train.epochs:
@@ -500,6 +504,9 @@ def _fit(cfg, config_path, resume, quiet, log, on_finish, world: distributed.Wor
                 logger.close()
                 raise SystemExit(130)
             train_time = time.time() - t0
+            distributed.broadcast_buffers(model, world)
+            if ema is not None:
+                distributed.broadcast_buffers(ema.module, world)
             eval_model = ema.module if ema is not None else model
             probs, targets, val_loss = predict_probs(eval_model, val_loader, device, dtype, cfg.train.channels_last)
             if world.distributed:
@@ -696,7 +703,7 @@ def train_from_cli(config_path: Path | None, overrides: list[str], resume: Path 
             raise SemodelError(f"{resume}: has no training state to resume from")
         raw = apply_overrides(state["config"], overrides)
         cfg = config_from_dict(raw, f"{resume} (with --set {' '.join(overrides)})" if overrides else str(resume))
-        if config_path is not None:
+        if config_path is not None and os.environ.get("RANK", "0") == "0":
             print(f"note: --resume continues with the config stored in {resume}; {config_path} is not read",
                   file=sys.stderr)
         return fit(cfg, None, resume, quiet)
