@@ -40,6 +40,7 @@ from semodel.errors import SemodelError
 from semodel.evaluate import autocast, predict_probs
 from semodel.metrics import classification_metrics
 from semodel.models import build_model
+from semodel.predict import resolve_device
 
 # Metric to monitor -> (key in the validation metrics, whether higher is better)
 MONITORS = {
@@ -51,24 +52,6 @@ MONITORS = {
 
 
 # ----------------------------------------------------------------------------- setup helpers
-
-
-def select_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise SemodelError(f"train.device = {name!r}: not a device (use auto, cpu, cuda, cuda:N or mps)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SemodelError(f"train.device = {name!r} but CUDA is not available here; use auto or cpu")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise SemodelError(f"train.device = {name!r} but MPS is not available here; use auto or cpu")
-    return device
 
 
 def amp_dtype(setting: str, device: torch.device) -> torch.dtype | None:
@@ -338,7 +321,7 @@ def _fit(cfg, config_path, resume, quiet, log, on_finish, world: distributed.Wor
     resumed = load_checkpoint(resume) if resume else None
     show_bars = not quiet and sys.stderr.isatty()
     seed_everything(cfg.train.seed, cfg.train.deterministic)
-    device = select_device(cfg.train.device)
+    device = resolve_device(cfg.train.device, "train.device")
     if world.distributed and device.type == "cuda":
         device = torch.device("cuda", world.local_rank)
     if cfg.train.sync_bn and world.distributed and device.type != "cuda":
