@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import List, Optional
 
 import typer
 
@@ -59,7 +58,7 @@ def models_cmd(
 @config_app.command("show")
 def config_show(
     config: Path = typer.Option(..., "--config", "-c", help="Experiment YAML file."),
-    overrides: List[str] = typer.Option([], "--set", "-s", help="Override a key: --set optim.lr=0.01 (repeatable)."),
+    overrides: list[str] = typer.Option([], "--set", "-s", help="Override a key: --set optim.lr=0.01 (repeatable)."),
 ) -> None:
     """Print the resolved config (defaults filled in, overrides applied) as YAML."""
     from semodel.config import dump_yaml, load_config
@@ -69,11 +68,11 @@ def config_show(
 
 @app.command("train")
 def train_cmd(
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help="Experiment YAML file."),
-    overrides: List[str] = typer.Option([], "--set", "-s", help="Override a key: --set optim.lr=0.01 (repeatable)."),
-    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue a run from its last.pt."),
+    config: Path | None = typer.Option(None, "--config", "-c", help="Experiment YAML file."),
+    overrides: list[str] = typer.Option([], "--set", "-s", help="Override a key: --set optim.lr=0.01 (repeatable)."),
+    resume: Path | None = typer.Option(None, "--resume", help="Continue a run from its last.pt."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="One line per epoch, no progress bars."),
-    nproc: Optional[int] = typer.Option(
+    nproc: int | None = typer.Option(
         None, "--nproc", min=1,
         help="Train with N processes on this machine (DistributedDataParallel through "
         "torch.distributed.run): one per GPU, or N CPU processes.",
@@ -125,21 +124,21 @@ def _launch(nproc: int, train_args: list[str]) -> int:
 @app.command("eval")
 def eval_cmd(
     checkpoint: Path = typer.Argument(..., help="A checkpoint (best.pt / last.pt) written by semodel train."),
-    data: Optional[Path] = typer.Option(
+    data: Path | None = typer.Option(
         None, "--data", help="Evaluate this ImageFolder (same class names) instead of the run's own split."
     ),
     split: str = typer.Option(
         "auto", "--split", help="auto (test if there is one, else val), train, val, test or all."
     ),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Also write the figures as JSON here."),
-    plot: Optional[Path] = typer.Option(
+    output: Path | None = typer.Option(None, "--output", "-o", help="Also write the figures as JSON here."),
+    plot: Path | None = typer.Option(
         None, "--plot", help="Write confusion_matrix.png (and roc.png for two classes) to this folder."
     ),
     ema: bool = typer.Option(False, "--ema", help="Use the EMA weights."),
     tta: bool = typer.Option(False, "--tta", help="Average the prediction with the horizontally flipped image."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
     batch_size: int = typer.Option(64, "--batch-size", "-b", help="Images per batch."),
-    workers: Optional[int] = typer.Option(None, "--workers", help="Data loader processes (default: by device)."),
+    workers: int | None = typer.Option(None, "--workers", help="Data loader processes (default: by device)."),
 ) -> None:
     """Metrics of a checkpoint: accuracy, per-class P/R/F1, confusion matrix, ROC-AUC, top-k."""
     from semodel.evaluate import eval_from_cli
@@ -149,15 +148,15 @@ def eval_cmd(
 
 @app.command("predict")
 def predict_cmd(
-    images: List[str] = typer.Argument(..., help="Image files, folders (searched recursively) or glob patterns."),
-    checkpoint: Optional[Path] = typer.Option(
+    images: list[str] = typer.Argument(..., help="Image files, folders (searched recursively) or glob patterns."),
+    checkpoint: Path | None = typer.Option(
         None, "--checkpoint", "-c", help="Checkpoint to use (default: the newest best.pt under ./runs)."
     ),
-    topk: Optional[int] = typer.Option(None, "--topk", "-k", help="Classes per image (default: min(3, classes))."),
+    topk: int | None = typer.Option(None, "--topk", "-k", help="Classes per image (default: min(3, classes))."),
     fmt: str = typer.Option("table", "--format", "-f", help="table, json or csv (one row per image)."),
     batch_size: int = typer.Option(32, "--batch-size", "-b", help="Images per batch."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
-    cam: Optional[Path] = typer.Option(
+    cam: Path | None = typer.Option(
         None, "--cam", help="Write a Grad-CAM overlay PNG per image (predicted class) to this folder."
     ),
     ema: bool = typer.Option(False, "--ema", help="Use the EMA weights."),
@@ -174,12 +173,12 @@ def predict_cmd(
 def export_cmd(
     checkpoint: Path = typer.Argument(..., help="A checkpoint written by semodel train."),
     fmt: str = typer.Option("onnx", "--format", "-f", help="onnx or torchscript."),
-    output: Optional[Path] = typer.Option(
+    output: Path | None = typer.Option(
         None, "--output", "-o", help="Output file (default: beside the checkpoint, .onnx / .torchscript.pt)."
     ),
     ema: bool = typer.Option(False, "--ema", help="Export the EMA weights."),
     atol: float = typer.Option(1e-4, "--atol", help="Largest allowed |exported - PyTorch| logit difference."),
-    opset: Optional[int] = typer.Option(None, "--opset", help="ONNX opset (default: the exporter's)."),
+    opset: int | None = typer.Option(None, "--opset", help="ONNX opset (default: the exporter's)."),
 ) -> None:
     """ONNX or TorchScript with class names and preprocessing inside, verified against PyTorch."""
     from semodel.export import export_from_cli

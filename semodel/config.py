@@ -10,7 +10,7 @@ import difflib
 import re
 import types
 from pathlib import Path
-from typing import Any, Literal, Optional, Union, get_args, get_origin
+from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -34,11 +34,11 @@ class ModelConfig(Section):
     bias: bool = True
     gate: Literal["sigmoid", "hard_sigmoid"] = "sigmoid"
     stem: Literal["imagenet", "cifar"] = "imagenet"
-    placement: Union[Placement, list[Placement]] = "block"
+    placement: Placement | list[Placement] = "block"
     drop_rate: float = Field(0.0, ge=0, lt=1)
     memory_efficient: bool = False
-    pretrained: Optional[str] = Field(None, description="'imagenet' or a path to a state_dict")
-    num_classes: Optional[int] = Field(
+    pretrained: str | None = Field(None, description="'imagenet' or a path to a state_dict")
+    num_classes: int | None = Field(
         None, ge=2, description="optional check: the data must have exactly this many classes"
     )
 
@@ -56,13 +56,13 @@ class SplitConfig(Section):
     val: float = Field(0.15, ge=0, lt=1)
     test: float = Field(0.15, ge=0, lt=1)
     seed: int = 0
-    group_by: Optional[str] = Field(
+    group_by: str | None = Field(
         None, description="regex over the file name; its first group (or whole match) is the group id"
     )
 
     @field_validator("group_by")
     @classmethod
-    def _regex_compiles(cls, value: Optional[str]) -> Optional[str]:
+    def _regex_compiles(cls, value: str | None) -> str | None:
         if value is not None:
             try:
                 re.compile(value)
@@ -98,13 +98,13 @@ class AugmentConfig(Section):
 
 class DataConfig(Section):
     root: str = Field(description="an ImageFolder: root/<class>/<image>, or root/{train,val[,test]}/<class>/...")
-    synthetic: Optional[SyntheticConfig] = None
+    synthetic: SyntheticConfig | None = None
     image_size: int = Field(224, ge=16, le=2048)
     crop_ratio: float = Field(0.875, gt=0, le=1, description="eval: resize to image_size / crop_ratio, then crop")
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     batch_size: int = Field(32, ge=1)
-    num_workers: Union[int, Literal["auto"]] = "auto"
+    num_workers: int | Literal["auto"] = "auto"
     balance: Literal["none", "sampler", "loss"] = "none"
     mixup: float = Field(0.0, ge=0, description="mixup alpha (0 = off)")
     cutmix: float = Field(0.0, ge=0, description="cutmix alpha (0 = off)")
@@ -113,7 +113,7 @@ class DataConfig(Section):
 
     @field_validator("num_workers")
     @classmethod
-    def _workers(cls, value: Union[int, str]) -> Union[int, str]:
+    def _workers(cls, value: int | str) -> int | str:
         if isinstance(value, int) and value < 0:
             raise ValueError("must be >= 0 or 'auto'")
         return value
@@ -150,12 +150,12 @@ class TrainConfig(Section):
     channels_last: bool = True
     compile: bool = False
     accum_steps: int = Field(1, ge=1)
-    clip_grad: Optional[float] = Field(None, gt=0, description="max global grad norm")
+    clip_grad: float | None = Field(None, gt=0, description="max global grad norm")
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     ema: bool = False
     ema_decay: float = Field(0.999, gt=0, lt=1)
     monitor: Literal["val_acc", "val_loss", "val_f1", "val_balanced_acc"] = "val_acc"
-    patience: Optional[int] = Field(None, ge=1, description="early stopping: epochs without improvement")
+    patience: int | None = Field(None, ge=1, description="early stopping: epochs without improvement")
     seed: int = 0
     deterministic: bool = False
     sync_bn: bool = Field(False, description="SyncBatchNorm across processes (CUDA only)")
@@ -169,12 +169,12 @@ class TrainConfig(Section):
 
 class LogConfig(Section):
     out_dir: str = "runs"
-    name: Optional[str] = Field(None, description="run folder name (default: the config file's name)")
+    name: str | None = Field(None, description="run folder name (default: the config file's name)")
     tensorboard: bool = True
 
     @field_validator("name")
     @classmethod
-    def _plain_name(cls, value: Optional[str]) -> Optional[str]:
+    def _plain_name(cls, value: str | None) -> str | None:
         if value is not None and not re.fullmatch(r"[A-Za-z0-9._-]+", value):
             raise ValueError("use letters, digits, '.', '_' and '-' only")
         return value

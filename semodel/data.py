@@ -9,10 +9,11 @@ import re
 import sys
 import warnings
 from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
@@ -329,9 +330,8 @@ def preprocess_of(cfg: Any) -> dict[str, Any]:
 
 
 def eval_transform(preprocess: dict[str, Any]):
-    from torchvision.transforms import v2
-
     import torch
+    from torchvision.transforms import v2
 
     return v2.Compose(
         [
@@ -345,9 +345,8 @@ def eval_transform(preprocess: dict[str, Any]):
 
 
 def train_transform(cfg: Any):
-    from torchvision.transforms import v2
-
     import torch
+    from torchvision.transforms import v2
 
     a = cfg.data.augment
     steps: list[Any] = [v2.ToImage(), v2.RandomResizedCrop(cfg.data.image_size, scale=tuple(a.scale), antialias=True)]

@@ -21,7 +21,7 @@ A list combines placements, e.g. ``["layer", "block"]``.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn.functional as F

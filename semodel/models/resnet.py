@@ -10,8 +10,8 @@ identity addition; the shortcut is never scaled; the ReLU follows the addition.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
-from typing import Callable
 
 import torch
 from torch import nn
