@@ -654,3 +654,47 @@ def test_diverging_run_stops_and_saves_no_broken_weights(tmp_path, capsys):
     for path in (tmp_path / "runs" / "div").glob("*.pt"):
         state = load_ckpt(path)
         assert all_finite(state["model"]) and math.isfinite(state["metrics"]["loss"]), path.name
+
+
+# ----------------------------------------------------------------------------- Ctrl-C
+
+
+def test_ctrl_c_saves_last_pt_and_prints_the_resume_command(tmp_path):
+    """SIGINT during training: the step finishes, last.pt is written, the printed command resumes."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    root = make_folder(tmp_path / "data", CLASSES, per_class=8)
+    raw = tiny_config(root, tmp_path / "runs", "ctrlc", train={"epochs": 200}, data={"batch_size": 2})
+    config = write_config(tmp_path / "ctrlc.yaml", raw)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "semodel", "train", "--config", str(config), "--quiet"],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )
+    try:
+        for line in proc.stdout:  # wait until epoch 1 is done and saved, then interrupt epoch 2
+            if line.startswith("epoch 1/200"):
+                break
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    run_dir = tmp_path / "runs" / "ctrlc"
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    assert "finishing the current step" in err
+    hint = f"semodel train --resume {run_dir / 'last.pt'}"  # log.out_dir is absolute here
+    assert f"resume with: {hint}" in out
+    last = load_ckpt(run_dir / "last.pt")
+    assert last["epoch"] == 1 and last["progress"]["step_in_epoch"] >= 1  # saved inside epoch 2
+
+    # The printed command, as a user would paste it (with a shorter schedule to finish quickly).
+    args = hint.split()[1:] + ["--set", "train.epochs=2", "--quiet"]
+    result = subprocess.run([sys.executable, "-m", "semodel", *args], cwd=tmp_path, capture_output=True,
+                            text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "resuming" in result.stdout and "at epoch 2" in result.stdout
+    assert load_ckpt(run_dir / "last.pt")["epoch"] == 2
