@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import pickle
 import tempfile
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -44,8 +45,15 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
+            out = _WriteErrors(f)
+            try:
+                torch.save(state, out)
+            except RuntimeError:
+                if out.error is None:
+                    raise
+                raise out.error from None  # the OSError (disk full, ...) behind torch's bare RuntimeError
             f.flush()
+            os.chmod(f.fileno(), 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual mode
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as e:
@@ -56,6 +64,47 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
         raise
     _fsync_dir(path.parent)
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+class _WriteErrors:
+    """The file for ``torch.save``, remembering the OSError of a failed write.
+
+    torch's zip writer turns an exception of ``write`` into a RuntimeError that only says
+    "unexpected pos 704 vs 598"; the OSError says what happened (no space left, file too large).
+    """
+
+    def __init__(self, file: Any) -> None:
+        self.file, self.error = file, None
+
+    def write(self, data: bytes) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
+def remove_stale_temp_files(folder: Path) -> int:
+    """Delete the temp files of checkpoint writes that a crash or SIGKILL cut short; their number.
+
+    Only ``save_checkpoint``'s own names (``.last.pt.<random>.tmp``); call it when no other
+    process writes checkpoints into ``folder``.
+    """
+    removed = 0
+    for name in ("last.pt", "best.pt"):
+        for tmp in Path(folder).glob(f".{name}.*.tmp"):
+            tmp.unlink(missing_ok=True)
+            removed += 1
+    return removed
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -71,6 +120,29 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def torch_load_weights(path: Path, map_location: str | torch.device = "cpu") -> Any:
+    """``torch.load(path, weights_only=True)`` without torch's warnings (several lines on stderr,
+    e.g. about the pickle protocol of a file that it then refuses anyway)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def refusal_reason(error: Exception) -> str:
+    """One line for a file that ``weights_only`` refused, naming what it wanted to load.
+
+    torch's message is a paragraph about its defaults; the line that matters names the global,
+    e.g. ``Trying to load unsupported GLOBAL posix.system whose module posix is blocked.``
+    """
+    lines = [line.strip().removeprefix("WeightsUnpickler error:").strip() for line in str(error).splitlines()]
+    lines = [line for line in lines if line]
+    detail = next((line for line in lines if "GLOBAL" in line), None)
+    detail = detail or next((line for line in lines if line.startswith("Unsupported")), None)
+    detail = (detail or (lines[0] if lines else type(error).__name__)).split(" Please use ")[0]
+    return (f"it holds Python objects, not only tensors and plain data (loading it could run code): "
+            f"{detail[:200]}")
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load and check a semodel checkpoint with ``weights_only=True``; clear errors otherwise."""
     path = Path(path)
@@ -78,17 +150,17 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise SemodelError(f"checkpoint not found: {path}")
     if path.is_dir():
         raise SemodelError(f"{path} is a folder; pass a checkpoint file such as {path / 'best.pt'}")
+    if not zipfile.is_zipfile(path):  # every torch.save since PyTorch 1.6; a plain pickle is not read
+        reason = "not a PyTorch zip archive: another kind of file, or truncated"
+        raise SemodelError(f"{path}: not a readable checkpoint ({reason})")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        state = torch_load_weights(path, map_location)
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if "weights_only" in str(e) or "Unsupported global" in str(e):
-            raise SemodelError(
-                f"{path}: refused to load: it holds Python objects, not only tensors and plain data "
-                f"(loading it could run code). {first[:200]}"
-            ) from None
+            raise SemodelError(f"{path}: refused to load: {refusal_reason(e)}") from None
         raise SemodelError(f"{path}: not a readable checkpoint (corrupt or truncated: {first[:200]})") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
+    except Exception as e:  # any other failure to read the file is about the file
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise SemodelError(f"{path}: not a readable checkpoint (corrupt or truncated: {first[:200]})") from None
     if not isinstance(state, dict) or not isinstance(state.get("semodel"), dict):

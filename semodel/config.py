@@ -7,6 +7,7 @@ errors naming the key, the value and what is allowed; every error names the file
 from __future__ import annotations
 
 import difflib
+import os
 import re
 import types
 from pathlib import Path
@@ -23,7 +24,8 @@ Placement = Literal["layer", "block", "final", "none"]
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # No inf or nan anywhere (YAML reads `.inf` and `.nan` as floats): `lr: .inf` passes `gt=0`.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelConfig(Section):
@@ -310,6 +312,13 @@ def _takes_text(annotation: Any, text: str) -> bool:
     return False
 
 
+_YAML_NULLS = ("~", "null", "Null", "NULL")
+
+
+def _takes_none(annotation: Any) -> bool:
+    return get_origin(annotation) in (Union, types.UnionType) and type(None) in get_args(annotation)
+
+
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply ``a.b=value`` strings; values are parsed as YAML (``0.1``, ``true``, ``[a, b]``), except
     that a string field takes the text as it is (``log.name=2024``, ``train.amp=off``)."""
@@ -327,9 +336,13 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             value = yaml.safe_load(text) if text.strip() else None
         except yaml.YAMLError:
             value = text
-        scalar = value is not None and not isinstance(value, (str, dict, list))
-        if scalar and _takes_text(_schema_type(parts), text.strip()):
-            value = text.strip()
+        # A field that takes text gets the text when YAML reads something else: a number or bool
+        # (2024, off), a list or null ('-', '---', '~'). Nothing, or null spelled out in a field
+        # that may be null, is null.
+        stripped, annotation = text.strip(), _schema_type(parts)
+        null = not stripped or (stripped in _YAML_NULLS and _takes_none(annotation))
+        if not isinstance(value, str) and not null and _takes_text(annotation, stripped):
+            value = stripped
         node = raw
         for depth, part in enumerate(parts[:-1]):
             child = node.get(part)
@@ -359,4 +372,7 @@ def dump_yaml(config: Config) -> str:
 
 
 def write_yaml(config: Config, path: Path) -> None:
-    path.write_text(dump_yaml(config), encoding="utf-8")
+    """Write atomically (temp file + rename): a crash mid-write never leaves half a config."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(dump_yaml(config), encoding="utf-8")
+    os.replace(tmp, path)

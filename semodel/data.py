@@ -7,6 +7,7 @@ import os
 import random
 import re
 import sys
+import threading
 import warnings
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Sequence
@@ -51,9 +52,27 @@ class Dataset:
 # ----------------------------------------------------------------------------- images
 
 
+_OPEN_LOCK = threading.Lock()
+
+
+def open_image(path: str | Path) -> Image.Image:
+    """``Image.open``, with more pixels than ``Image.MAX_IMAGE_PIXELS`` an error.
+
+    PIL raises ``DecompressionBombError`` only above twice its limit; between the two it warns
+    (two lines on stderr) and then decodes the whole image (up to 180 M pixels: 0.5 GB as RGB).
+    The warning filter is process-wide, hence the lock (images are opened in threads).
+    """
+    with _OPEN_LOCK, warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            return Image.open(path)
+        except Image.DecompressionBombWarning as e:
+            raise Image.DecompressionBombError(str(e)) from None
+
+
 def load_rgb(path: str | Path) -> Image.Image:
     """Open any image as 8-bit RGB: grayscale, RGBA, palette, CMYK and 16-bit files included."""
-    with Image.open(path) as img:
+    with open_image(path) as img:
         img.load()
         if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
             # 16/32-bit grayscale: scale to 8 bits instead of clipping at 255.
@@ -77,13 +96,11 @@ def load_rgb(path: str | Path) -> Image.Image:
 def check_image(path: Path) -> str | None:
     """None if the file decodes as an image, else the reason it does not."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                img.draft("RGB", (64, 64))  # JPEG: decode at reduced scale, still reads every byte
-                img.load()
+        with open_image(path) as img:
+            img.draft("RGB", (64, 64))  # JPEG: decode at reduced scale, still reads every byte
+            img.load()
         return None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+    except Image.DecompressionBombError:
         return "too many pixels (decompression bomb guard)"
     except UnidentifiedImageError:
         return "not an image"
@@ -103,9 +120,12 @@ def find_bad_files(root: Path, paths: Sequence[str], workers: int = 4) -> list[t
 def _list_images(folder: Path) -> list[Path]:
     """Image files under ``folder`` (recursively, following links once; loops are skipped)."""
     found, seen = [], set()
+    top = os.path.realpath(folder)
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
         real = os.path.realpath(dirpath)
-        if real in seen:  # a symlink loop, or the same folder twice
+        # A symlink loop, the same folder twice, or a link up to a folder that holds this one
+        # (data/cat/up -> data would list the other classes' images as cats).
+        if real in seen or top.startswith(real.rstrip(os.sep) + os.sep):
             dirnames[:] = []
             continue
         seen.add(real)
@@ -280,8 +300,26 @@ def read_split_csv(path: Path, root: Path, classes: list[str]) -> list[Sample]:
     return samples
 
 
-def prepare_dataset(cfg: Any, run_dir: Path, resume: bool = False, log: Callable[[str], None] = print) -> Dataset:
-    """Scan, check and split ``cfg.data.root``; write (or, on resume, reuse) ``run_dir/split.csv``."""
+def check_classes(data: Dataset, classes: list[str] | None) -> None:
+    """On resume: the data must have the classes the run was trained on."""
+    if classes is not None and list(classes) != data.classes:
+        raise SemodelError(
+            f"{data.root}: the run was trained on the classes {', '.join(classes)}, but this folder has "
+            f"{', '.join(data.classes)}; resume with the run's data (data.root)"
+        )
+
+
+def prepare_dataset(
+    cfg: Any,
+    run_dir: Path,
+    resume: bool = False,
+    log: Callable[[str], None] = print,
+    classes: list[str] | None = None,
+) -> Dataset:
+    """Scan, check and split ``cfg.data.root``; write (or, on resume, reuse) ``run_dir/split.csv``.
+
+    ``classes``: the classes of the run being resumed, which the data must have.
+    """
     root = Path(cfg.data.root).expanduser()
     if cfg.data.synthetic is not None and not root.exists():
         from semodel.synthetic import make_synthetic
@@ -292,6 +330,7 @@ def prepare_dataset(cfg: Any, run_dir: Path, resume: bool = False, log: Callable
     split_file = run_dir / "split.csv"
     if resume and split_file.exists():
         data = scan_dataset(root, check=False)
+        check_classes(data, classes)
         data.samples = read_split_csv(split_file, root, data.classes)
         gone = [s for s in data.samples if not (root / s.path).is_file()]
         if gone:
@@ -299,6 +338,7 @@ def prepare_dataset(cfg: Any, run_dir: Path, resume: bool = False, log: Callable
             data.samples = [s for s in data.samples if s not in gone]
         return data
     data = scan_dataset(root)
+    check_classes(data, classes)
     report_bad_files(data, log)
     if cfg.model.num_classes is not None and cfg.model.num_classes != len(data.classes):
         raise SemodelError(

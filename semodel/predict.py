@@ -106,6 +106,24 @@ def images_in(folder: Path) -> list[Path]:
     return found
 
 
+def expand_pattern(pattern: str) -> list[str]:
+    """``glob.glob(pattern, recursive=True)``, except that ``**`` does not enter linked folders.
+
+    glob's ``**`` follows symlinks to folders, and a link to a folder above it (a loop) makes
+    it run for ever; pathlib's ``**`` does not follow them.
+    """
+    parts = Path(pattern).parts
+    if "**" not in parts:
+        return glob.glob(pattern)
+    fixed = next(i for i, part in enumerate(parts) if GLOB_CHARS & set(part))
+    base = Path(*parts[:fixed]) if fixed else Path()
+    found = []
+    for match in base.glob(str(Path(*parts[fixed:]))):
+        if not any(part.startswith(".") for part in match.relative_to(base).parts):  # as glob: no hidden
+            found.append(str(match))
+    return found
+
+
 def collect_inputs(inputs: Iterable[str]) -> tuple[list[Path], list[tuple[str, str]]]:
     """Expand files, folders and glob patterns into image paths (input order, no duplicates).
 
@@ -127,7 +145,7 @@ def collect_inputs(inputs: Iterable[str]) -> tuple[list[Path], list[tuple[str, s
             found = [p]  # a missing file is reported when it is read, in input order
         else:
             found = []
-            for match in sorted(glob.glob(os.path.expanduser(item), recursive=True)):
+            for match in sorted(expand_pattern(os.path.expanduser(item))):
                 m = Path(match)
                 found += images_in(m) if m.is_dir() else [m] if is_image_name(m) and m.is_file() else []
             if not found:

@@ -26,7 +26,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Sampler
 
 from semodel import __version__, distributed
-from semodel.checkpoint import load_checkpoint, save_checkpoint
+from semodel.checkpoint import load_checkpoint, remove_stale_temp_files, save_checkpoint
 from semodel.config import Config, apply_overrides, config_from_dict, load_config, write_yaml
 from semodel.data import (
     ImageList,
@@ -312,13 +312,31 @@ def fit(
     world = distributed.init(cfg.train.device)
     if not world.is_main:
         log, quiet = (lambda message: None), True
+    where: dict[str, Any] = {}  # _fit fills in run_dir and resume_hint, for the message below
     try:
-        return _fit(cfg, config_path, resume, quiet, log, on_finish, world, t_start)
+        return _fit(cfg, config_path, resume, quiet, log, on_finish, world, t_start, where)
+    except RuntimeError as e:
+        # A worker killed (OOM killer, a signal) or exited: torch raises a RuntimeError from
+        # wherever the main process is; the run stops, last.pt stays as the last epoch left it.
+        if not str(e).startswith("DataLoader worker (pid"):
+            raise
+        reason = str(e).strip().splitlines()[0][:200]
+        raise SemodelError(f"a data loader worker process died ({reason}); out of memory? try a lower "
+                           f"data.num_workers or data.batch_size; {resume_note(where)}") from None
     finally:
         distributed.shutdown(world)
 
 
-def _fit(cfg, config_path, resume, quiet, log, on_finish, world: distributed.World, t_start: float) -> Path:
+def resume_note(where: dict[str, Any]) -> str:
+    """What is kept after a failure, and the command that continues the run."""
+    run_dir = where.get("run_dir")
+    if run_dir is None or not (run_dir / "last.pt").exists():
+        return "no checkpoint had been written yet; start the run again"
+    return f"{run_dir / 'last.pt'} is kept; resume with: {where['resume_hint']}"
+
+
+def _fit(cfg, config_path, resume, quiet, log, on_finish, world: distributed.World, t_start: float,
+         where: dict[str, Any]) -> Path:
     resumed = load_checkpoint(resume) if resume else None
     show_bars = not quiet and sys.stderr.isatty()
     seed_everything(cfg.train.seed, cfg.train.deterministic)
@@ -334,8 +352,17 @@ def _fit(cfg, config_path, resume, quiet, log, on_finish, world: distributed.Wor
     run_dir = data = None
     if world.is_main:
         run_dir = Path(resume).parent if resume else new_run_dir(cfg, config_path)
-        write_yaml(cfg, run_dir / "config.yaml")
-        data = prepare_dataset(cfg, run_dir, resume=resumed is not None, log=log)
+        stale = remove_stale_temp_files(run_dir)  # left by a run killed while writing a checkpoint
+        if stale:
+            log(f"removed {stale} unfinished checkpoint temp file(s) from {run_dir}")
+        try:
+            data = prepare_dataset(cfg, run_dir, resume=resumed is not None, log=log,
+                                   classes=list(resumed["classes"]) if resumed else None)
+        except SemodelError:
+            if not resume and not any(run_dir.iterdir()):
+                run_dir.rmdir()  # made just now: a run that cannot start leaves no folder behind
+            raise
+        write_yaml(cfg, run_dir / "config.yaml")  # after the data checks: a failed resume keeps the old one
     run_dir, data = distributed.broadcast_object((run_dir, data), world)
     if resumed and list(resumed["classes"]) != data.classes:
         raise SemodelError(f"{resume}: trained on classes {resumed['classes']}, but {data.root} has {data.classes}")
@@ -470,6 +497,14 @@ def _fit(cfg, config_path, resume, quiet, log, on_finish, world: distributed.Wor
         }
 
     resume_hint = f"semodel train --resume {run_dir / 'last.pt'}" + (f" --nproc {world.size}" if world.distributed else "")
+    where.update(run_dir=run_dir, resume_hint=resume_hint)
+
+    def save(ckpt: dict[str, Any], name: str) -> None:
+        try:
+            save_checkpoint(ckpt, run_dir / name)
+        except SemodelError as e:  # disk full, I/O error: say what is kept and how to go on
+            raise SemodelError(f"{e}; {resume_note(where)}") from None
+
     history: list[dict[str, Any]] = list(resumed.get("history", [])) if resumed else []
     with Interrupt() as interrupt:
         while state.epoch < cfg.train.epochs:
@@ -483,7 +518,7 @@ def _fit(cfg, config_path, resume, quiet, log, on_finish, world: distributed.Wor
             if interrupt.requested:
                 ckpt = checkpoint(None)
                 if world.is_main:
-                    save_checkpoint(ckpt, run_dir / "last.pt")
+                    save(ckpt, "last.pt")
                 log(f"interrupted in epoch {epoch}; saved {run_dir / 'last.pt'}\nresume with: {resume_hint}")
                 logger.close()
                 raise SystemExit(130)
@@ -513,9 +548,12 @@ def _fit(cfg, config_path, resume, quiet, log, on_finish, world: distributed.Wor
             history.append({"epoch": epoch, "train": train_stats, "val": metrics})
             ckpt = checkpoint(metrics)
             if world.is_main:
-                save_checkpoint(ckpt, run_dir / "last.pt")
+                # best.pt first: a crash between the two writes leaves last.pt one epoch behind,
+                # and the resumed run redoes the epoch and its best.pt. (The other order could
+                # leave a last.pt whose best epoch best.pt never received.)
                 if improved:
-                    save_checkpoint(ckpt, run_dir / "best.pt")
+                    save(ckpt, "best.pt")
+                save(ckpt, "last.pt")
 
             lr = optimizer.param_groups[0]["lr"]
             logger.scalars(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 import re
 from pathlib import Path
 from typing import Any
@@ -116,14 +117,25 @@ def _fetch_imagenet_state_dict(name: str) -> dict[str, torch.Tensor]:
         ) from None
 
 
+def _first_line(error: Exception) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return f"{type(error).__name__}: {lines[0][:200]}" if lines else type(error).__name__
+
+
 def _read_state_dict_file(path: str) -> dict[str, torch.Tensor]:
     file = Path(path).expanduser()
     if not file.is_file():
         raise SemodelError(f"pretrained weights file not found: {file}")
+    from semodel.checkpoint import refusal_reason, torch_load_weights
+
     try:
-        obj = torch.load(file, map_location="cpu", weights_only=True)
+        obj = torch_load_weights(file)
+    except pickle.UnpicklingError as e:
+        if "weights_only" in str(e) or "Unsupported global" in str(e):
+            raise SemodelError(f"{file}: refused to load: {refusal_reason(e)}") from None
+        raise SemodelError(f"{file} is not a readable PyTorch weights file ({_first_line(e)})") from None
     except Exception as e:
-        raise SemodelError(f"{file} is not a readable PyTorch weights file ({type(e).__name__}: {e})") from None
+        raise SemodelError(f"{file} is not a readable PyTorch weights file ({_first_line(e)})") from None
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):  # a semodel checkpoint
         obj = obj["model"]
     elif isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
