@@ -11,6 +11,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 import yaml
 
@@ -100,3 +101,19 @@ def assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], 
 
 def all_finite(state_dict: dict[str, torch.Tensor]) -> bool:
     return all(torch.isfinite(v).all() for v in state_dict.values() if v.is_floating_point())
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """One intra-op thread while a module's tests run, and torch's global switches restored after.
+
+    Small models on 2 cores: when another process holds a core, torch's second OpenMP thread spins
+    at every barrier and a step takes 30x longer; one thread costs little and no result depends on
+    it. ``train.deterministic`` switches torch's deterministic mode on for the whole process.
+    Autouse: a module that imports it gets it.
+    """
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(deterministic)

@@ -31,7 +31,14 @@ from pathlib import Path
 import pytest
 import torch
 from helpers_ckpt import TINTS, make_image, run_cli
-from helpers_train import assert_same_tensors, load_ckpt, read_split, tiny_config, write_config
+from helpers_train import (
+    assert_same_tensors,
+    load_ckpt,
+    one_torch_thread,  # noqa: F401  (autouse fixture: one torch thread)
+    read_split,
+    tiny_config,
+    write_config,
+)
 
 import semodel.cli
 from semodel.config import validate
@@ -79,14 +86,6 @@ semodel.cli.main()
 """
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _torch_settings():
-    """One intra-op thread for the in-process runs (as in test_train.py); torch's switches restored."""
-    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    torch.use_deterministic_algorithms(deterministic)
 
 
 def make_data(root: Path) -> Path:

@@ -21,7 +21,12 @@ from pathlib import Path
 import pytest
 import torch
 from helpers_ckpt import assert_one_line_error, make_folder, run_cli
-from helpers_train import load_ckpt, tiny_config, write_config
+from helpers_train import (
+    load_ckpt,
+    one_torch_thread,  # noqa: F401  (autouse fixture: one torch thread)
+    tiny_config,
+    write_config,
+)
 
 import semodel.train
 
@@ -30,14 +35,6 @@ TIMEOUT = 180
 MORE_EPOCH = ["--set", "train.epochs=2", "--quiet"]  # resume a 1-epoch run for one more
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _torch_settings():
-    """One intra-op thread (as in test_train.py), and torch's global switches restored afterwards."""
-    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    torch.use_deterministic_algorithms(deterministic)
 
 
 def kill_resume():

@@ -24,6 +24,7 @@ from helpers_train import (
     assert_same_tensors,
     events,
     load_ckpt,
+    one_torch_thread,  # noqa: F401  (autouse fixture: one torch thread)
     read_split,
     scalar_series,
     split_counts,
@@ -55,19 +56,6 @@ EPOCH_SCALARS = [
 ]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _torch_settings():
-    """One intra-op thread while these tests run, and torch's global switches restored after them.
-
-    Small models on 2 cores: when another process holds a core, torch's second OpenMP thread spins
-    at every barrier and a step takes 30x longer; one thread costs little and no result depends on
-    it. ``train.deterministic`` switches torch's deterministic mode on for the whole process.
-    """
-    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    torch.use_deterministic_algorithms(deterministic)
 
 
 # ----------------------------------------------------------------------------- one straight run
