@@ -364,8 +364,6 @@ def _fit(cfg, config_path, resume, quiet, log, on_finish, world: distributed.Wor
             raise
         write_yaml(cfg, run_dir / "config.yaml")  # after the data checks: a failed resume keeps the old one
     run_dir, data = distributed.broadcast_object((run_dir, data), world)
-    if resumed and list(resumed["classes"]) != data.classes:
-        raise SemodelError(f"{resume}: trained on classes {resumed['classes']}, but {data.root} has {data.classes}")
     workers = cfg.data.num_workers if cfg.data.num_workers != "auto" else default_workers(device.type)
     train_set = ImageList(data.root, data.split("train"), train_transform(cfg))
     weights = None
