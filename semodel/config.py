@@ -7,7 +7,6 @@ errors naming the key, the value and what is allowed; every error names the file
 from __future__ import annotations
 
 import difflib
-import os
 import re
 import types
 from pathlib import Path
@@ -372,7 +371,7 @@ def dump_yaml(config: Config) -> str:
 
 
 def write_yaml(config: Config, path: Path) -> None:
-    """Write atomically (temp file + rename): a crash mid-write never leaves half a config."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(dump_yaml(config), encoding="utf-8")
-    os.replace(tmp, path)
+    """Write atomically: a crash mid-write never leaves half a config."""
+    from semodel.checkpoint import write_text_atomic
+
+    write_text_atomic(path, dump_yaml(config))

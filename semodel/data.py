@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import os
 import random
 import re
@@ -277,13 +278,14 @@ def check_splits(data: Dataset, names: Iterable[str]) -> None:
 
 
 def write_split_csv(data: Dataset, path: Path) -> None:
-    tmp = path.with_suffix(".csv.tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(["split", "class", "group", "path"])
-        for s in data.samples:
-            w.writerow([s.split, data.classes[s.label], s.group, s.path])
-    os.replace(tmp, path)
+    from semodel.checkpoint import write_text_atomic
+
+    text = io.StringIO(newline="")
+    w = csv.writer(text)
+    w.writerow(["split", "class", "group", "path"])
+    for s in data.samples:
+        w.writerow([s.split, data.classes[s.label], s.group, s.path])
+    write_text_atomic(path, text.getvalue())
 
 
 def read_split_csv(path: Path, root: Path, classes: list[str]) -> list[Sample]:

@@ -26,7 +26,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Sampler
 
 from semodel import __version__, distributed
-from semodel.checkpoint import load_checkpoint, remove_stale_temp_files, save_checkpoint
+from semodel.checkpoint import load_checkpoint, remove_stale_temp_files, save_checkpoint, write_text_atomic
 from semodel.config import Config, apply_overrides, config_from_dict, load_config, write_yaml
 from semodel.data import (
     ImageList,
@@ -614,9 +614,7 @@ def finish_run(cfg, run_dir, data, model, use_ema, state, history, device, dtype
         result["test"] = test
         log(f"test (best epoch {state.best_epoch}): acc {test['acc']:.1%}  balanced acc {test['balanced_acc']:.1%}  "
             f"f1 {test['f1_macro']:.3f}  n={test['n']}")
-    tmp = run_dir / "metrics.json.tmp"
-    tmp.write_text(json.dumps(result, indent=2))
-    os.replace(tmp, run_dir / "metrics.json")
+    write_text_atomic(run_dir / "metrics.json", json.dumps(result, indent=2) + "\n")
     final = {f"hparam/{k}": v for k, v in (result.get("test") or result["val"]).items() if isinstance(v, float)}
     logger.hparams(flat_hparams(cfg.to_dict()), final)
     log(f"done in {result['wall_time_s']:.0f}s: {run_dir}  (best {cfg.train.monitor} {state.best_value:.4f} "

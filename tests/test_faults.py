@@ -270,3 +270,23 @@ def test_checkpoint_file_mode_follows_the_umask(tmp_path):
     finally:
         os.umask(old)
     assert stat.S_IMODE(path.stat().st_mode) == 0o640
+
+
+def test_text_files_are_written_atomically(tmp_path, monkeypatch):
+    """config.yaml, split.csv, metrics.json and eval's JSON share one atomic writer: a failed
+    write is one clear error, the previous file is kept and no temp file is left."""
+    import errno
+
+    from semodel.checkpoint import write_text_atomic
+    from semodel.errors import SemodelError
+
+    path = write_text_atomic(tmp_path / "metrics.json", "old\n")
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", full_disk)
+    with pytest.raises(SemodelError, match="could not write .*metrics.json: No space left on device"):
+        write_text_atomic(path, "new\n")
+    assert path.read_text() == "old\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json"]
