@@ -301,8 +301,10 @@ def fit(
     quiet: bool = False,
     log: Callable[[str], None] | None = None,
     on_finish: Callable[[nn.Module], None] | None = None,
+    resumed: dict[str, Any] | None = None,
 ) -> Path:
-    """Train ``cfg``; returns the run folder. ``resume`` continues from a checkpoint.
+    """Train ``cfg``; returns the run folder. ``resume`` continues from a checkpoint
+    (``resumed``: that checkpoint already loaded, so it is not read twice).
 
     Under torchrun every process calls this; rank 0 writes the run folder and prints.
     ``on_finish(model)`` is called on every rank with the trained (last-epoch) model.
@@ -314,7 +316,7 @@ def fit(
         log, quiet = (lambda message: None), True
     where: dict[str, Any] = {}  # _fit fills in run_dir and resume_hint, for the message below
     try:
-        return _fit(cfg, config_path, resume, quiet, log, on_finish, world, t_start, where)
+        return _fit(cfg, config_path, resume, resumed, quiet, log, on_finish, world, t_start, where)
     except RuntimeError as e:
         # A worker killed (OOM killer, a signal) or exited: torch raises a RuntimeError from
         # wherever the main process is; the run stops, last.pt stays as the last epoch left it.
@@ -335,9 +337,10 @@ def resume_note(where: dict[str, Any]) -> str:
     return f"{run_dir / 'last.pt'} is kept; resume with: {where['resume_hint']}"
 
 
-def _fit(cfg, config_path, resume, quiet, log, on_finish, world: distributed.World, t_start: float,
+def _fit(cfg, config_path, resume, resumed, quiet, log, on_finish, world: distributed.World, t_start: float,
          where: dict[str, Any]) -> Path:
-    resumed = load_checkpoint(resume) if resume else None
+    if resume and resumed is None:
+        resumed = load_checkpoint(resume)
     show_bars = not quiet and sys.stderr.isatty()
     seed_everything(cfg.train.seed, cfg.train.deterministic)
     device = resolve_device(cfg.train.device, "train.device")
@@ -724,6 +727,6 @@ def train_from_cli(config_path: Path | None, overrides: list[str], resume: Path 
         if config_path is not None and os.environ.get("RANK", "0") == "0":
             print(f"note: --resume continues with the config stored in {resume}; {config_path} is not read",
                   file=sys.stderr)
-        return fit(cfg, None, resume, quiet)
+        return fit(cfg, None, resume, quiet, resumed=state)
     cfg = load_config(config_path, overrides)
     return fit(cfg, config_path, None, quiet)
