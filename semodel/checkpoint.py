@@ -201,7 +201,7 @@ def model_options(config: dict[str, Any]) -> dict[str, Any]:
 
 def build_from_checkpoint(state: dict[str, Any], use_ema: bool = False, source: str = "checkpoint") -> nn.Module:
     """Rebuild the model of a loaded checkpoint, with its (or its EMA) weights, in eval mode."""
-    from semodel.models import build_model
+    from semodel.models import build_model, prune_attention
 
     options = model_options(state["config"])
     name = options.pop("name")
@@ -215,4 +215,5 @@ def build_from_checkpoint(state: dict[str, Any], use_ema: bool = False, source: 
         model.load_state_dict(weights)
     except RuntimeError as e:
         raise SemodelError(f"{source}: weights do not fit {name}: {str(e).splitlines()[0]}") from None
+    prune_attention(model)  # learned SE widths: drop the closed units (same outputs, fewer parameters)
     return model.eval()

@@ -46,12 +46,30 @@ def root(
 def models_cmd(
     image_size: int = typer.Option(224, help="Input size for the GFLOPs column."),
     num_classes: int = typer.Option(1000, help="Classifier size for the parameter column."),
+    attention: str = typer.Option("se", help="Attention: se, eca or none."),
+    reduction: str = typer.Option("16", help="SE reduction ratio r, or 'learned' (the wide model as trained)."),
+    placement: str = typer.Option("block", help="SE-DenseNet placement: layer, block, final (comma-separated)."),
+    variants: bool = typer.Option(
+        False, "--variants", help="Compare parameter counts of every attention variant instead."
+    ),
     markdown: bool = typer.Option(False, "--markdown", help="Print a Markdown table."),
 ) -> None:
-    """List the models with parameters, GFLOPs and the cost of SE over the plain backbone."""
-    from semodel.models.summary import format_table, summarize_all
+    """List the models with parameters, GFLOPs and the cost of attention over the plain backbone."""
+    from semodel.models.summary import format_table, summarize_all, variant_table
 
-    rows = summarize_all(image_size=image_size, num_classes=num_classes)
+    places = [p.strip() for p in placement.split(",") if p.strip()]
+    options: dict = {"placement": places[0] if len(places) == 1 else places}
+    if variants:
+        typer.echo(variant_table(num_classes=num_classes, markdown=markdown, **options))
+        return
+    if reduction != "learned":
+        try:
+            options["reduction"] = float(reduction)
+        except ValueError:
+            raise SemodelError(f"--reduction {reduction!r}: a number (e.g. 16) or 'learned'") from None
+    else:
+        options["reduction"] = "learned"
+    rows = summarize_all(image_size=image_size, num_classes=num_classes, attention=attention, **options)
     typer.echo(format_table(rows, image_size=image_size, markdown=markdown))
 
 
@@ -121,6 +139,26 @@ def _launch(nproc: int, train_args: list[str]) -> int:
     return code
 
 
+@app.command("cv")
+def cv_cmd(
+    config: Path | None = typer.Option(None, "--config", "-c", help="Experiment YAML file."),
+    folds: int | None = typer.Option(None, "--folds", "-k", help="Number of folds K (default: cv.folds, 5)."),
+    overrides: list[str] = typer.Option([], "--set", "-s", help="Override a key: --set cv.weights=last (repeatable)."),
+    resume: Path | None = typer.Option(
+        None, "--resume", help="Continue the cross-validation in this folder (runs/<name>)."
+    ),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="One line per epoch, no progress bars."),
+) -> None:
+    """K-fold cross-validation, stratified by class and grouped by data.split.group_by: one run per fold
+    in runs/<name>/fold-<k>/, then cv.json and a table (mean +- std). Run it again to continue."""
+    if config is None and resume is None:
+        raise SemodelError("give --config FILE (a new cross-validation, or the one it started) "
+                           "or --resume runs/<name>")
+    from semodel.cv import cv_from_cli
+
+    cv_from_cli(config, folds, overrides, resume, quiet)
+
+
 @app.command("eval")
 def eval_cmd(
     checkpoint: Path = typer.Argument(..., help="A checkpoint (best.pt / last.pt) written by semodel train."),
@@ -144,6 +182,30 @@ def eval_cmd(
     from semodel.evaluate import eval_from_cli
 
     eval_from_cli(checkpoint, data, split, output, plot, ema, tta, device, batch_size, workers)
+
+
+@app.command("inspect")
+def inspect_cmd(
+    checkpoint: Path = typer.Argument(..., help="A checkpoint (best.pt / last.pt) written by semodel train."),
+    data: Path = typer.Option(..., "--data", help="An ImageFolder with the checkpoint's class names."),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder for the PNG figures and inspect.json."),
+    per_class: int = typer.Option(32, "--per-class", help="Images per class for the excitation analysis."),
+    cams: int = typer.Option(4, "--cams", help="Images per class in the Grad-CAM grid (0: none)."),
+    sites: str | None = typer.Option(
+        None, "--sites", help="Attention modules to analyse, comma-separated (default: the last of every stage)."
+    ),
+    tensorboard: bool = typer.Option(False, "--tensorboard", help="Also write the figures to OUT/tensorboard."),
+    ema: bool = typer.Option(False, "--ema", help="Use the EMA weights."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
+    batch_size: int = typer.Option(32, "--batch-size", "-b", help="Images per batch."),
+    seed: int = typer.Option(0, "--seed", help="Which images are sampled."),
+) -> None:
+    """What the attention does: mean excitation per channel and class at every stage, learned SE
+    widths, and a Grad-CAM grid; PNGs and inspect.json in --out."""
+    from semodel.inspection import inspect_checkpoint
+
+    names = [s.strip() for s in sites.split(",") if s.strip()] if sites else None
+    inspect_checkpoint(checkpoint, data, out, per_class, cams, names, device, ema, batch_size, tensorboard, seed)
 
 
 @app.command("predict")

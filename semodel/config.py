@@ -27,10 +27,23 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
+class LearnedWidthConfig(Section):
+    """SE with ``reduction: learned``: start wide, gate every hidden unit, penalise open gates."""
+
+    start_reduction: float = Field(4.0, gt=0, description="every SE block starts with channels / this hidden units")
+    penalty: float = Field(
+        0.05, ge=0, description="weight of the sparsity loss: the fraction of the wide SE parameters still open"
+    )
+    gate_lr_scale: float = Field(10.0, gt=0, description="the unit gates learn at optim.lr x this")
+
+
 class ModelConfig(Section):
     name: ModelName = "se_resnet18"
-    attention: Literal["se", "none"] = "se"
-    reduction: float = Field(16.0, gt=0, description="SE reduction ratio r: hidden width = channels / r")
+    attention: Literal["se", "eca", "none"] = "se"
+    reduction: float | Literal["learned"] = Field(
+        16.0, description="SE reduction ratio r (hidden width = channels / r), or 'learned'"
+    )
+    learned: LearnedWidthConfig = LearnedWidthConfig()
     min_channels: int = Field(1, ge=1, description="floor on the SE hidden width")
     bias: bool = True
     gate: Literal["sigmoid", "hard_sigmoid"] = "sigmoid"
@@ -42,6 +55,18 @@ class ModelConfig(Section):
     num_classes: int | None = Field(
         None, ge=2, description="optional check: the data must have exactly this many classes"
     )
+
+    @field_validator("reduction", mode="before")
+    @classmethod
+    def _reduction_number_or_learned(cls, value: Any) -> Any:
+        if isinstance(value, str) and value != "learned":
+            try:
+                value = float(value)
+            except ValueError:
+                raise ValueError("must be a number > 0 or 'learned'") from None
+        if isinstance(value, bool) or (isinstance(value, (int, float)) and value <= 0):
+            raise ValueError("must be a number > 0 or 'learned'")
+        return value
 
 
 class SyntheticConfig(Section):
@@ -181,6 +206,22 @@ class LogConfig(Section):
         return value
 
 
+class CVConfig(Section):
+    """``semodel cv``: K-fold cross-validation, stratified by class, grouped by ``data.split.group_by``."""
+
+    folds: int = Field(5, ge=2, description="number of folds K (--folds overrides)")
+    weights: Literal["best", "last", "ema"] = Field(
+        "best",
+        description="what each fold is tested with: best (best.pt, the weights validation chose), "
+        "last (last.pt, the final weights) or ema (last.pt's EMA weights; needs train.ema)",
+    )
+    augmented: str | None = Field(
+        None,
+        description="a folder of augmented copies of data.root's images, named <original stem>_<suffix>: "
+        "folds train and validate on the copies of their images and test on the originals",
+    )
+
+
 class Config(Section):
     model: ModelConfig = ModelConfig()
     data: DataConfig
@@ -188,6 +229,7 @@ class Config(Section):
     schedule: ScheduleConfig = ScheduleConfig()
     train: TrainConfig = TrainConfig()
     log: LogConfig = LogConfig()
+    cv: CVConfig = CVConfig()
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict of builtins (lists, not tuples) for YAML and checkpoints."""

@@ -311,17 +311,8 @@ def check_classes(data: Dataset, classes: list[str] | None) -> None:
         )
 
 
-def prepare_dataset(
-    cfg: Any,
-    run_dir: Path,
-    resume: bool = False,
-    log: Callable[[str], None] = print,
-    classes: list[str] | None = None,
-) -> Dataset:
-    """Scan, check and split ``cfg.data.root``; write (or, on resume, reuse) ``run_dir/split.csv``.
-
-    ``classes``: the classes of the run being resumed, which the data must have.
-    """
+def make_synthetic_if_missing(cfg: Any, log: Callable[[str], None] = print) -> None:
+    """Generate ``cfg.data.synthetic`` into ``data.root`` when that folder does not exist yet."""
     root = Path(cfg.data.root).expanduser()
     if cfg.data.synthetic is not None and not root.exists():
         from semodel.synthetic import make_synthetic
@@ -329,6 +320,24 @@ def prepare_dataset(
         s = cfg.data.synthetic
         log(f"generating a synthetic dataset in {root} ({s.classes} classes x {s.per_class} images)")
         make_synthetic(root, s.classes, s.per_class, s.image_size, s.seed)
+
+
+def prepare_dataset(
+    cfg: Any,
+    run_dir: Path,
+    resume: bool = False,
+    log: Callable[[str], None] = print,
+    classes: list[str] | None = None,
+    split: list[Sample] | None = None,
+) -> Dataset:
+    """Scan, check and split ``cfg.data.root``; write (or, on resume, reuse) ``run_dir/split.csv``.
+
+    ``classes``: the classes of the run being resumed, which the data must have.
+    ``split``: the files to use and their splits, chosen by the caller (``semodel cv``: one fold),
+    instead of splitting ``data.root``; paths relative to it, labels in its class order.
+    """
+    root = Path(cfg.data.root).expanduser()
+    make_synthetic_if_missing(cfg, log)
     split_file = run_dir / "split.csv"
     if resume and split_file.exists():
         data = scan_dataset(root, check=False)
@@ -347,7 +356,10 @@ def prepare_dataset(
             f"model.num_classes is {cfg.model.num_classes} but {root} has {len(data.classes)} classes "
             f"({', '.join(data.classes)}); remove model.num_classes or fix the data"
         )
-    if not any(s.split for s in data.samples):
+    if split is not None:
+        bad = {path for path, _ in data.bad_files}
+        data.samples = [s for s in split if s.path not in bad]
+    elif not any(s.split for s in data.samples):
         sp = cfg.data.split
         assign_splits(data.samples, len(data.classes), sp.val, sp.test, sp.seed, sp.group_by)
     names = ["train", "val"] + (["test"] if any(s.split == "test" for s in data.samples) else [])

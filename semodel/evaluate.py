@@ -191,7 +191,10 @@ def evaluate_checkpoint(
     workers: int | None = None,
     progress: bool = False,
     log: Callable[[str], None] = _stderr,
+    images: EvalSet | None = None,
 ) -> EvalResult:
+    """Metrics of ``checkpoint`` on the run's own split, on the ImageFolder ``data``, or on
+    ``images`` (a list chosen by the caller: ``semodel cv`` tests each fold on its own images)."""
     from torch.utils.data import DataLoader
 
     from semodel.data import ImageList, collate_skip_bad, default_workers, eval_transform
@@ -207,11 +210,12 @@ def evaluate_checkpoint(
     model = build_from_checkpoint(state, use_ema=use_ema, source=str(checkpoint)).to(dev)
     if state.get("ema") and not use_ema:
         log("note: this checkpoint also has EMA weights (training validated those); --ema evaluates them")
-    images = (
-        folder_eval_set(Path(data), classes, split)
-        if data is not None
-        else run_eval_set(state, checkpoint, split)
-    )
+    if images is None:
+        images = (
+            folder_eval_set(Path(data), classes, split)
+            if data is not None
+            else run_eval_set(state, checkpoint, split)
+        )
     workers = default_workers(dev.type) if workers is None else workers
     loader = DataLoader(
         ImageList(images.root, images.samples, eval_transform(state["preprocess"])),

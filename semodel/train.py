@@ -26,10 +26,17 @@ from torch import nn
 from torch.utils.data import DataLoader, Sampler
 
 from semodel import __version__, distributed
-from semodel.checkpoint import load_checkpoint, remove_stale_temp_files, save_checkpoint, write_text_atomic
+from semodel.checkpoint import (
+    load_checkpoint,
+    model_options,
+    remove_stale_temp_files,
+    save_checkpoint,
+    write_text_atomic,
+)
 from semodel.config import Config, apply_overrides, config_from_dict, load_config, write_yaml
 from semodel.data import (
     ImageList,
+    Sample,
     collate_skip_bad,
     default_workers,
     eval_transform,
@@ -40,7 +47,8 @@ from semodel.data import (
 from semodel.errors import SemodelError
 from semodel.evaluate import autocast, predict_probs
 from semodel.metrics import classification_metrics
-from semodel.models import build_model
+from semodel.models import build_model, learned_widths, prune_attention, sparsity_loss
+from semodel.models.attention import learned_blocks
 from semodel.predict import resolve_device
 
 # Metric to monitor -> (key in the validation metrics, whether higher is better)
@@ -99,18 +107,29 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """No weight decay on norm weights and biases (1-D tensors): decaying them only hurts."""
-    decay, no_decay = [], []
-    for p in model.parameters():
+def param_groups(model: nn.Module, weight_decay: float, lr: float, gate_lr_scale: float = 1.0) -> list[dict[str, Any]]:
+    """No weight decay on norm weights and biases (1-D tensors): decaying them only hurts.
+
+    The unit gates of learned-width SE blocks get their own group, without decay and with
+    ``gate_lr_scale`` x the learning rate: a gate travels from 1 (open) to 0 (closed) in about
+    1 / (lr x scale) steps where the task does not need its unit.
+    """
+    decay, no_decay, gates = [], [], []
+    for name, p in model.named_parameters():
         if p.requires_grad:
-            (no_decay if p.ndim <= 1 else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+            if name.endswith("unit_gate"):
+                gates.append(p)
+            else:
+                (no_decay if p.ndim <= 1 else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if gates:
+        groups.append({"params": gates, "weight_decay": 0.0, "lr": lr * gate_lr_scale})
+    return groups
 
 
 def make_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
     o = cfg.optim
-    groups = param_groups(model, o.weight_decay)
+    groups = param_groups(model, o.weight_decay, o.lr, cfg.model.learned.gate_lr_scale)
     if o.name == "sgd":
         return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov and o.momentum > 0)
     return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas))
@@ -302,9 +321,11 @@ def fit(
     log: Callable[[str], None] | None = None,
     on_finish: Callable[[nn.Module], None] | None = None,
     resumed: dict[str, Any] | None = None,
+    split: list[Sample] | None = None,
 ) -> Path:
     """Train ``cfg``; returns the run folder. ``resume`` continues from a checkpoint
-    (``resumed``: that checkpoint already loaded, so it is not read twice).
+    (``resumed``: that checkpoint already loaded, so it is not read twice). ``split``: the files
+    and their splits (``semodel cv``'s fold) instead of splitting ``data.root`` (a new run only).
 
     Under torchrun every process calls this; rank 0 writes the run folder and prints.
     ``on_finish(model)`` is called on every rank with the trained (last-epoch) model.
@@ -316,7 +337,7 @@ def fit(
         log, quiet = (lambda message: None), True
     where: dict[str, Any] = {}  # _fit fills in run_dir and resume_hint, for the message below
     try:
-        return _fit(cfg, config_path, resume, resumed, quiet, log, on_finish, world, t_start, where)
+        return _fit(cfg, config_path, resume, resumed, quiet, log, on_finish, world, t_start, where, split)
     except RuntimeError as e:
         # A worker killed (OOM killer, a signal) or exited: torch raises a RuntimeError from
         # wherever the main process is; the run stops, last.pt stays as the last epoch left it.
@@ -338,7 +359,7 @@ def resume_note(where: dict[str, Any]) -> str:
 
 
 def _fit(cfg, config_path, resume, resumed, quiet, log, on_finish, world: distributed.World, t_start: float,
-         where: dict[str, Any]) -> Path:
+         where: dict[str, Any], split: list[Sample] | None = None) -> Path:
     if resume and resumed is None:
         resumed = load_checkpoint(resume)
     show_bars = not quiet and sys.stderr.isatty()
@@ -360,7 +381,7 @@ def _fit(cfg, config_path, resume, resumed, quiet, log, on_finish, world: distri
             log(f"removed {stale} unfinished checkpoint temp file(s) from {run_dir}")
         try:
             data = prepare_dataset(cfg, run_dir, resume=resumed is not None, log=log,
-                                   classes=list(resumed["classes"]) if resumed else None)
+                                   classes=list(resumed["classes"]) if resumed else None, split=split)
         except SemodelError:
             if not resume and not any(run_dir.iterdir()):
                 run_dir.rmdir()  # made just now: a run that cannot start leaves no folder behind
@@ -401,19 +422,9 @@ def _fit(cfg, config_path, resume, resumed, quiet, log, on_finish, world: distri
 
     # Model, optimizer, schedule
     m = cfg.model
+    options = model_options(cfg.to_dict())
     model = build_model(
-        m.name,
-        num_classes=len(data.classes),
-        attention=m.attention,
-        reduction=m.reduction,
-        min_channels=m.min_channels,
-        bias=m.bias,
-        gate=m.gate,
-        stem=m.stem,
-        placement=m.placement,
-        drop_rate=m.drop_rate,
-        memory_efficient=m.memory_efficient,
-        pretrained=None if resumed else m.pretrained,
+        options.pop("name"), num_classes=len(data.classes), pretrained=None if resumed else m.pretrained, **options
     )
     if cfg.train.sync_bn and world.distributed:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -429,6 +440,13 @@ def _fit(cfg, config_path, resume, resumed, quiet, log, on_finish, world: distri
         from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
         ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.train.ema_decay), use_buffers=True)
+    penalty = None
+    gated = [block for _, block in learned_blocks(model)]  # reduction: learned
+    if gated and m.learned.penalty > 0:
+
+        def penalty() -> torch.Tensor:
+            return m.learned.penalty * sparsity_loss(gated)
+
     class_weights = None
     if cfg.data.balance == "loss":
         class_weights = (counts.sum() / (len(counts) * counts)).to(device)
@@ -461,7 +479,8 @@ def _fit(cfg, config_path, resume, resumed, quiet, log, on_finish, world: distri
         log(f"resuming {run_dir} at epoch {state.epoch + 1} (step {state.step_in_epoch} of it)")
     elif world.distributed:
         torch.manual_seed(cfg.train.seed + world.rank)  # each rank its own augmentation stream
-    log(f"model: {m.name} (attention {m.attention})  device: {device}  amp: {dtype or 'off'}  "
+    attention = m.attention + (" learned width" if m.attention == "se" and m.reduction == "learned" else "")
+    log(f"model: {m.name} (attention {attention})  device: {device}  amp: {dtype or 'off'}  "
         f"params: {sum(p.numel() for p in model.parameters()):,}")
 
     train_model: nn.Module = torch.compile(model) if cfg.train.compile else model
@@ -514,7 +533,7 @@ def _fit(cfg, config_path, resume, resumed, quiet, log, on_finish, world: distri
             t0 = time.time()
             train_stats = train_one_epoch(
                 train_model, ema, train_loader, optimizer, scheduler, scaler, device, dtype, cfg, mix,
-                class_weights, state, interrupt, logger, show_bars, epoch, resumed is None, world,
+                class_weights, state, interrupt, logger, show_bars, epoch, resumed is None, world, penalty,
             )
             if interrupt.requested:
                 ckpt = checkpoint(None)
@@ -573,10 +592,15 @@ def _fit(cfg, config_path, resume, resumed, quiet, log, on_finish, world: distri
                 epoch,
             )
             logger.confusion(metrics["confusion_matrix"], data.classes, epoch)
+            widths = learned_widths(eval_model)
+            if widths:
+                logger.scalars(width_scalars(widths), epoch)
             log(
                 f"epoch {epoch}/{cfg.train.epochs}  train loss {train_stats['loss']:.4f} acc {train_stats['acc']:.1%}  "
                 f"val loss {val_loss:.4f} acc {metrics['acc']:.1%} f1 {metrics['f1_macro']:.3f}  lr {lr:.2e}  "
-                f"{train_stats['images_per_s']:.0f} img/s  {train_time:.1f}s" + ("  *best*" if improved else "")
+                f"{train_stats['images_per_s']:.0f} img/s  {train_time:.1f}s"
+                + (f"  SE units open {open_fraction(widths):.0%}" if widths else "")
+                + ("  *best*" if improved else "")
             )
             if cfg.train.patience and state.stale_epochs >= cfg.train.patience:
                 log(f"early stopping: {cfg.train.monitor} has not improved for {state.stale_epochs} epochs")
@@ -604,8 +628,18 @@ def finish_run(cfg, run_dir, data, model, use_ema, state, history, device, dtype
     }
     best = load_checkpoint(run_dir / "best.pt")
     result["val"] = best["metrics"]
+    model.load_state_dict(best["ema"] if use_ema else best["model"])
+    if learned_widths(model):
+        # reduction: learned: remove the closed units; eval, predict and export do the same on load.
+        params = sum(p.numel() for p in model.parameters())
+        widths = prune_attention(model)
+        pruned = sum(p.numel() for p in model.parameters())
+        result["learned_widths"] = widths
+        result["params"] = {"trained": params, "pruned": pruned}
+        log(f"learned SE widths (best weights, hidden units kept of started): {format_widths(widths)}")
+        log(f"pruned the closed SE units: {params:,} -> {pruned:,} parameters "
+            f"(SE hidden units {sum(w['width'] for w in widths.values())} of {sum(w['start'] for w in widths.values())})")
     if data.split("test"):
-        model.load_state_dict(best["ema"] if use_ema else best["model"])
         test_loader = DataLoader(
             ImageList(data.root, data.split("test"), eval_transform(best["preprocess"])),
             cfg.data.batch_size * 2,
@@ -622,6 +656,23 @@ def finish_run(cfg, run_dir, data, model, use_ema, state, history, device, dtype
     logger.hparams(flat_hparams(cfg.to_dict()), final)
     log(f"done in {result['wall_time_s']:.0f}s: {run_dir}  (best {cfg.train.monitor} {state.best_value:.4f} "
         f"at epoch {state.best_epoch}; checkpoints best.pt, last.pt)")
+
+
+def open_fraction(widths: dict[str, dict[str, int]]) -> float:
+    """Share of the learned SE blocks' starting parameters that are still open (units weighted by 2C)."""
+    total = sum(w["start"] * w["channels"] for w in widths.values())
+    return sum(w["width"] * w["channels"] for w in widths.values()) / max(total, 1)
+
+
+def width_scalars(widths: dict[str, dict[str, int]]) -> dict[str, float]:
+    """TensorBoard scalars for learned widths: per block, and the open share of all SE parameters."""
+    scalars = {f"attention/width/{name}": float(w["width"]) for name, w in widths.items()}
+    scalars["attention/open_fraction"] = open_fraction(widths)
+    return scalars
+
+
+def format_widths(widths: dict[str, dict[str, int]]) -> str:
+    return ", ".join(f"{name.removesuffix('.se')} {w['width']}/{w['start']}" for name, w in widths.items())
 
 
 def make_mixer(cfg: Config, num_classes: int):
@@ -641,7 +692,7 @@ def make_mixer(cfg: Config, num_classes: int):
 def train_one_epoch(
     model, ema, loader, optimizer, scheduler, scaler, device, dtype, cfg: Config, mix, class_weights,
     state: RunState, interrupt: Interrupt, logger: Logger, show_bars: bool, epoch: int, first_run: bool,
-    world: distributed.World = distributed.World(),
+    world: distributed.World = distributed.World(), penalty: Callable[[], torch.Tensor] | None = None,
 ) -> dict[str, float]:
     from tqdm import tqdm
 
@@ -675,7 +726,8 @@ def train_one_epoch(
             )
             if not torch.isfinite(loss):
                 raise SemodelError(diverged(f"loss became {loss.item()} in epoch {epoch}, step {state.step_in_epoch + 1}", state))
-            scaler.scale(loss / accum).backward()
+            total = loss + penalty() if penalty is not None else loss  # the sparsity loss of learned SE widths
+            scaler.scale(total / accum).backward()
         pending += 1
         state.step_in_epoch += 1
         if pending == accum:

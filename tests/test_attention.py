@@ -187,8 +187,9 @@ def test_make_attention():
     assert isinstance(se.gate, nn.Hardsigmoid)
     assert isinstance(make_attention("se", 64).gate, nn.Sigmoid)
     assert make_attention("none", 64) is None
-    with pytest.raises(ValueError, match="eca"):
-        make_attention("eca", 64)
+    assert type(make_attention("eca", 64)).__name__ == "EfficientChannelAttention"
+    with pytest.raises(ValueError, match="se, eca, none"):
+        make_attention("cbam", 64)
     with pytest.raises(ValueError, match="relu"):
         make_attention("se", 64, gate="relu")
 

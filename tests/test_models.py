@@ -613,7 +613,8 @@ def test_reset_classifier():
     [
         ("se_resnet51", {}, "se_resnet51"),
         ("resnet50", {}, "resnet50"),
-        ("se_resnet18", {"attention": "eca"}, "eca"),
+        ("se_resnet18", {"attention": "cbam"}, "cbam"),
+        ("se_resnet18", {"reduction": "wide"}, "wide"),
         ("se_densenet121", {"attention": "cbam"}, "cbam"),
         ("se_densenet121", {"placement": "everywhere"}, "everywhere"),
         ("se_densenet121", {"placement": ["layer", "stem"]}, "stem"),
@@ -716,10 +717,10 @@ def cli_runner(monkeypatch):
 
     real = summary.summarize_all
 
-    def cached(image_size: int = 224, num_classes: int = 1000):
-        key = (image_size, num_classes)
+    def cached(image_size: int = 224, num_classes: int = 1000, **options):
+        key = (image_size, num_classes, repr(sorted(options.items())))
         if key not in _SUMMARY_CACHE:
-            _SUMMARY_CACHE[key] = real(image_size=image_size, num_classes=num_classes)
+            _SUMMARY_CACHE[key] = real(image_size=image_size, num_classes=num_classes, **options)
         return _SUMMARY_CACHE[key]
 
     monkeypatch.setattr(summary, "summarize_all", cached)

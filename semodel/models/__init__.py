@@ -11,12 +11,22 @@ import torch
 from torch import nn
 
 from semodel.errors import SemodelError
-from semodel.models.attention import ATTENTIONS, SqueezeExcite
+from semodel.models.attention import (
+    ATTENTIONS,
+    EfficientChannelAttention,
+    LearnedWidthSE,
+    SqueezeExcite,
+    learned_widths,
+    prune_attention,
+    sparsity_loss,
+)
 from semodel.models.densenet import PLACEMENTS, SEDenseNet, se_densenet
 from semodel.models.resnet import STEMS, SEResNet, se_resnet
 
 __all__ = [
     "ATTENTIONS",
+    "EfficientChannelAttention",
+    "LearnedWidthSE",
     "MODEL_NAMES",
     "PLACEMENTS",
     "STEMS",
@@ -24,7 +34,10 @@ __all__ = [
     "SEResNet",
     "SqueezeExcite",
     "build_model",
+    "learned_widths",
     "load_pretrained",
+    "prune_attention",
+    "sparsity_loss",
     "torchvision_name",
 ]
 
@@ -53,7 +66,8 @@ def build_model(
     num_classes: int = 1000,
     *,
     attention: str = "se",
-    reduction: float = 16,
+    reduction: float | str = 16,
+    learned: dict[str, Any] | None = None,
     min_channels: int = 1,
     bias: bool = True,
     gate: str = "sigmoid",
@@ -65,6 +79,8 @@ def build_model(
 ) -> nn.Module:
     """Build a registered model.
 
+    ``attention`` is ``"se"``, ``"eca"`` or ``"none"``; with ``"se"``, ``reduction`` is a ratio or
+    ``"learned"`` (then ``learned["start_reduction"]``, default 4, sets the starting width).
     ``placement`` and ``memory_efficient`` apply to SE-DenseNet only. ``pretrained`` is
     ``"imagenet"`` (torchvision's weights for the matching backbone) or a path to a local
     state_dict; SE layers and the classifier start fresh, everything else is copied.
@@ -81,6 +97,7 @@ def build_model(
         gate=gate,
         stem=stem,
         drop_rate=drop_rate,
+        start_reduction=float((learned or {}).get("start_reduction", 4)),
     )
     try:
         if family == "resnet":

@@ -6,11 +6,22 @@
     w = gate(fc2(relu(fc1(s))))               (excitation: C -> C/r -> C)
     y = x * w                                 (scale: one weight per channel)
 
-The module returns the *scaled input* ``x * w``. Callers use ``out = se(out)``, never
-``out * se(out)`` (which would apply the weights twice).
+``LearnedWidthSE`` is the same block started wide (r = 4) with one learnable, non-negative gate per
+hidden unit; an L1 penalty on the gates (``sparsity_loss``) closes the units the task does not need,
+and ``prune_attention`` then removes them, leaving a plain ``SqueezeExcite`` with its own width.
+
+``EfficientChannelAttention`` follows Wang et al., "ECA-Net: Efficient Channel Attention for Deep
+Convolutional Neural Networks" (CVPR 2020): no bottleneck, a 1-D convolution of kernel size k across
+the pooled channels, k = the odd number nearest to log2(C) / 2 + 1 / 2.
+
+Every module returns the *scaled input* ``x * w``. Callers use ``out = se(out)``, never
+``out * se(out)`` (which would apply the weights twice). Every module computes its weights ``w``
+(``N x C x 1 x 1``) in a submodule named ``gate``, so a forward hook on ``gate`` reads them.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
@@ -53,13 +64,17 @@ class SqueezeExcite(nn.Module):
         min_channels: int = 1,
         bias: bool = True,
         gate: str = "sigmoid",
+        hidden: int | None = None,
     ) -> None:
         super().__init__()
         if channels < 1:
             raise ValueError(f"channels must be >= 1, got {channels}")
         if reduction <= 0:
             raise ValueError(f"reduction must be > 0, got {reduction}")
-        hidden = hidden_width(channels, reduction, min_channels)
+        if hidden is None:  # an explicit width (a pruned learned-width block) wins over the ratio
+            hidden = hidden_width(channels, reduction, min_channels)
+        elif hidden < 1:
+            raise ValueError(f"hidden must be >= 1, got {hidden}")
         self.channels = channels
         self.hidden = hidden
         self.fc1 = nn.Conv2d(channels, hidden, kernel_size=1, bias=bias)
@@ -80,20 +95,188 @@ class SqueezeExcite(nn.Module):
         return f"channels={self.channels}, hidden={self.hidden}"
 
 
-ATTENTIONS = ("se", "none")
+class LearnedWidthSE(SqueezeExcite):
+    """SE whose hidden width is learned: ``fc2(relu(fc1(s)) * max(g, 0))``, one gate ``g`` per unit.
+
+    Args:
+        channels: number of input (and output) channels C.
+        start_reduction: the block starts with C / start_reduction hidden units (default 4, i.e.
+            4x the paper's r = 16), every gate at 1 (open).
+        min_channels, bias, gate: as in ``SqueezeExcite``.
+
+    A unit whose gate has reached 0 contributes exactly nothing and receives no gradient from the
+    task: it is closed. ``sparsity_loss`` pushes every gate towards 0 in proportion to the
+    parameters its unit costs; ``pruned()`` returns the equivalent ``SqueezeExcite`` with only the
+    open units (the gates folded into ``fc2``). Gates are 1-D, so they get no weight decay.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        start_reduction: float = 4,
+        min_channels: int = 1,
+        bias: bool = True,
+        gate: str = "sigmoid",
+    ) -> None:
+        super().__init__(channels, start_reduction, min_channels, bias, gate)
+        self.unit_gate = nn.Parameter(torch.ones(self.hidden))
+
+    @property
+    def unit_cost(self) -> int:
+        """Parameters one hidden unit costs: a row of fc1, a column of fc2, its bias and its gate."""
+        return 2 * self.channels + (1 if self.fc1.bias is not None else 0) + 1
+
+    def open_units(self) -> torch.Tensor:
+        """Boolean mask of the hidden units whose gate is open (> 0)."""
+        return self.unit_gate.detach() > 0
+
+    @property
+    def width(self) -> int:
+        return int(self.open_units().sum())
+
+    def excitation(self, x: torch.Tensor) -> torch.Tensor:
+        squeezed = x.mean(dim=(2, 3), keepdim=True)
+        hidden = self.relu(self.fc1(squeezed)) * self.unit_gate.clamp(min=0).view(1, -1, 1, 1)
+        return self.gate(self.fc2(hidden))
+
+    @torch.no_grad()
+    def pruned(self) -> SqueezeExcite:
+        """The plain ``SqueezeExcite`` computing the same function with the open units only.
+
+        If every gate is closed, one unit is kept with a zero gate (the block then outputs the
+        constant ``gate(fc2.bias)``, as the gated block does).
+        """
+        keep = self.open_units().nonzero().flatten()
+        if keep.numel() == 0:
+            keep = self.unit_gate.detach().argmax().view(1)
+        fc1, fc2 = self.fc1, self.fc2
+        se = SqueezeExcite(self.channels, bias=fc1.bias is not None, hidden=int(keep.numel()))
+        se.gate = self.gate
+        se = se.to(device=fc1.weight.device, dtype=fc1.weight.dtype)
+        scale = self.unit_gate.detach().clamp(min=0)[keep]
+        se.fc1.weight.copy_(fc1.weight[keep])
+        se.fc2.weight.copy_(fc2.weight[:, keep] * scale.view(1, -1, 1, 1))
+        if fc1.bias is not None:
+            se.fc1.bias.copy_(fc1.bias[keep])
+            se.fc2.bias.copy_(fc2.bias)
+        se.train(self.training)
+        return se
+
+    def extra_repr(self) -> str:
+        return f"channels={self.channels}, hidden={self.hidden}, open={self.width}"
+
+
+def eca_kernel_size(channels: int, gamma: float = 2, b: float = 1) -> int:
+    """ECA's kernel size: the odd number nearest to log2(C) / gamma + b / gamma (ties go up).
+
+    Wang et al. 2020, Eq. 12. For ResNet-50's stages (256, 512, 1024, 2048 channels): 5, 5, 5, 7.
+    """
+    t = math.log2(channels) / gamma + b / gamma
+    return max(1, 2 * math.floor(t / 2) + 1)
+
+
+class EfficientChannelAttention(nn.Module):
+    """ECA: ``w = gate(conv1d_k(mean over H x W of x))`` across channels, no dimensionality reduction.
+
+    Args:
+        channels: number of input (and output) channels C.
+        kernel_size: the 1-D kernel size k (default: ``eca_kernel_size(C)``), odd.
+        gate: ``"sigmoid"`` (paper) or ``"hard_sigmoid"``.
+
+    k parameters per block and no bias, as in the paper; channel i's weight depends on its k
+    neighbours (zero-padded at the ends).
+    """
+
+    def __init__(self, channels: int, kernel_size: int | None = None, gate: str = "sigmoid") -> None:
+        super().__init__()
+        if channels < 1:
+            raise ValueError(f"channels must be >= 1, got {channels}")
+        k = eca_kernel_size(channels) if kernel_size is None else int(kernel_size)
+        if k < 1 or k % 2 == 0:
+            raise ValueError(f"kernel_size must be a positive odd number, got {k}")
+        self.channels = channels
+        self.kernel_size = k
+        self.conv = nn.Conv1d(1, 1, k, padding=k // 2, bias=False)
+        self.gate = make_gate(gate)
+
+    def excitation(self, x: torch.Tensor) -> torch.Tensor:
+        n, c = x.shape[:2]
+        squeezed = x.mean(dim=(2, 3)).view(n, 1, c)  # channels as a 1-D sequence
+        return self.gate(self.conv(squeezed).view(n, c, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.excitation(x)
+
+    def extra_repr(self) -> str:
+        return f"channels={self.channels}, kernel_size={self.kernel_size}"
+
+
+ATTENTIONS = ("se", "eca", "none")
+ATTENTION_TYPES = (SqueezeExcite, EfficientChannelAttention)
 
 
 def make_attention(
     kind: str,
     channels: int,
-    reduction: float = 16,
+    reduction: float | str = 16,
     min_channels: int = 1,
     bias: bool = True,
     gate: str = "sigmoid",
+    start_reduction: float = 4,
 ) -> nn.Module | None:
-    """Build the attention module named ``kind`` for ``channels`` channels (None for ``"none"``)."""
+    """Build the attention module named ``kind`` for ``channels`` channels (None for ``"none"``).
+
+    ``reduction="learned"`` makes a ``LearnedWidthSE`` starting at ``start_reduction``; ECA ignores
+    ``reduction``, ``min_channels`` and ``bias``.
+    """
     if kind == "none":
         return None
     if kind == "se":
+        if reduction == "learned":
+            return LearnedWidthSE(channels, start_reduction, min_channels, bias, gate)
+        if isinstance(reduction, str):
+            raise ValueError(f"reduction must be a number or 'learned', got {reduction!r}")
         return SqueezeExcite(channels, reduction, min_channels, bias, gate)
+    if kind == "eca":
+        return EfficientChannelAttention(channels, gate=gate)
     raise ValueError(f"unknown attention {kind!r}; choose one of {', '.join(ATTENTIONS)}")
+
+
+# ----------------------------------------------------------------------------- learned widths
+
+
+def learned_blocks(model: nn.Module) -> list[tuple[str, LearnedWidthSE]]:
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, LearnedWidthSE)]
+
+
+def sparsity_loss(model: nn.Module | list[LearnedWidthSE]) -> torch.Tensor | None:
+    """Open fraction of the learned SE parameters: sum over units of ``max(g, 0) x unit cost``,
+    divided by the cost of all units (1.0 at the start, 0 when every gate is closed).
+
+    Multiplied by ``model.learned.penalty`` and added to the loss; None without learned blocks.
+    ``model`` may also be the list of its blocks (saves the module walk in every step).
+    """
+    blocks = model if isinstance(model, list) else [m for _, m in learned_blocks(model)]
+    if not blocks:
+        return None
+    total = sum(m.hidden * m.unit_cost for m in blocks)
+    open_cost = sum(m.unit_gate.clamp(min=0).sum() * m.unit_cost for m in blocks)
+    return open_cost / total
+
+
+def learned_widths(model: nn.Module) -> dict[str, dict[str, int]]:
+    """``{block name: {"channels", "start", "width"}}`` for every learned-width SE block."""
+    return {name: {"channels": m.channels, "start": m.hidden, "width": m.width} for name, m in learned_blocks(model)}
+
+
+def prune_attention(model: nn.Module) -> dict[str, dict[str, int]]:
+    """Replace every ``LearnedWidthSE`` in ``model`` by its pruned ``SqueezeExcite`` (in place).
+
+    Returns the widths as ``learned_widths`` does (empty when there was nothing to prune).
+    """
+    widths = learned_widths(model)
+    for name in widths:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, getattr(parent, child).pruned())
+    return widths

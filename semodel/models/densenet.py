@@ -239,7 +239,7 @@ def se_densenet(
     depth: int,
     num_classes: int = 1000,
     attention: str = "se",
-    reduction: float = 16,
+    reduction: float | str = 16,
     min_channels: int = 1,
     bias: bool = True,
     gate: str = "sigmoid",
@@ -247,17 +247,18 @@ def se_densenet(
     stem: str = "imagenet",
     drop_rate: float = 0.0,
     memory_efficient: bool = False,
+    start_reduction: float = 4,
 ) -> SEDenseNet:
     """SE-DenseNet of the given depth (121, 169, 201)."""
     if depth not in DEPTHS:
         raise ValueError(f"no SE-DenseNet of depth {depth}; choose one of {sorted(DEPTHS)}")
     factory = None
     if attention != "none":
-        make_attention(attention, 8)  # fail early on a bad kind
+        make_attention(attention, 8, reduction, min_channels, bias, gate, start_reduction)  # fail early
         normalize_placement(placement)
 
         def factory(channels: int) -> nn.Module | None:
-            return make_attention(attention, channels, reduction, min_channels, bias, gate)
+            return make_attention(attention, channels, reduction, min_channels, bias, gate, start_reduction)
 
     return SEDenseNet(
         DEPTHS[depth],

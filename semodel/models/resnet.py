@@ -208,13 +208,14 @@ def se_resnet(
     depth: int,
     num_classes: int = 1000,
     attention: str = "se",
-    reduction: float = 16,
+    reduction: float | str = 16,
     min_channels: int = 1,
     bias: bool = True,
     gate: str = "sigmoid",
     stem: str = "imagenet",
     drop_rate: float = 0.0,
     zero_init_residual: bool = False,
+    start_reduction: float = 4,
 ) -> SEResNet:
     """SE-ResNet of the given depth (18, 34, 50, 101, 152)."""
     if depth not in DEPTHS:
@@ -222,8 +223,9 @@ def se_resnet(
     block, layers = DEPTHS[depth]
     factory = None
     if attention != "none":
-        make_attention(attention, 8)  # fail early on a bad kind
-        factory = partial(
-            make_attention, attention, reduction=reduction, min_channels=min_channels, bias=bias, gate=gate
+        options = dict(
+            reduction=reduction, min_channels=min_channels, bias=bias, gate=gate, start_reduction=start_reduction
         )
+        make_attention(attention, 8, **options)  # fail early on a bad kind or option
+        factory = partial(make_attention, attention, **options)
     return SEResNet(block, layers, num_classes, factory, stem, drop_rate, zero_init_residual)

@@ -55,12 +55,37 @@ def summarize(name: str, image_size: int = 224, num_classes: int = 1000, **optio
     return ModelSize(name, params, gflops, plain_params, plain_gflops)
 
 
-def summarize_all(image_size: int = 224, num_classes: int = 1000) -> list[ModelSize]:
-    return [summarize(name, image_size, num_classes) for name in MODEL_NAMES]
+def summarize_all(image_size: int = 224, num_classes: int = 1000, **options) -> list[ModelSize]:
+    return [summarize(name, image_size, num_classes, **options) for name in MODEL_NAMES]
+
+
+# (column title, build_model options) of the attention variants compared by `semodel models --variants`
+VARIANTS = (
+    ("none", {"attention": "none"}),
+    ("se r=16", {"attention": "se", "reduction": 16}),
+    ("se learned (start r=4)", {"attention": "se", "reduction": "learned"}),
+    ("eca", {"attention": "eca"}),
+)
+
+
+def variant_table(num_classes: int = 1000, markdown: bool = False, **options) -> str:
+    """Parameters of every model with every attention variant (same other options).
+
+    The learned-width column is the size trained (every unit open); pruning after training
+    removes the closed units, so the final model lies between the ``none`` and this column.
+    """
+    header = ["model", *(title for title, _ in VARIANTS)]
+    body = []
+    for name in MODEL_NAMES:
+        counts = [measure(name, 64, num_classes, **{**options, **variant})[0] for _, variant in VARIANTS]
+        plain = counts[0]
+        body.append([name, f"{plain:,}", *(f"{n:,} (+{n - plain:,})" for n in counts[1:])])
+    return _table(header, body, markdown)
 
 
 def format_table(rows: list[ModelSize], image_size: int = 224, markdown: bool = False) -> str:
-    header = ["model", "params", f"GFLOPs@{image_size}", "params without SE", "SE adds params", "SE adds FLOPs"]
+    header = ["model", "params", f"GFLOPs@{image_size}", "params without attention", "attention adds params",
+              "attention adds FLOPs"]
     body = [
         [
             r.name,
@@ -72,6 +97,10 @@ def format_table(rows: list[ModelSize], image_size: int = 224, markdown: bool = 
         ]
         for r in rows
     ]
+    return _table(header, body, markdown)
+
+
+def _table(header: list[str], body: list[list[str]], markdown: bool) -> str:
     if markdown:
         lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         lines += ["| " + " | ".join(row) + " |" for row in body]
