@@ -397,7 +397,7 @@ def _number(value: float) -> float | None:
 
 
 def format_summary(stats: list[SiteStats], widths: dict[str, dict[str, int]], accuracy: float) -> list[str]:
-    lines = [f"accuracy on the sampled images: {accuracy:.1%}"]
+    lines = [f"accuracy on the sampled images: {accuracy:.1%} (not a test figure if --data holds training images)"]
     if stats:
         header = ["attention module", "channels", "mean weight", "class spread", "noise"]
         rows = [[s.name, str(s.channels), f"{s.mean_weight:.3f}", f"{s.class_spread:.3f}", f"{s.noise_spread:.3f}"]
