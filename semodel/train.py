@@ -154,6 +154,14 @@ def lr_factor(cfg: Config, steps_per_epoch: int) -> Callable[[int], float]:
     return factor
 
 
+def gate_travel(cfg: Config, steps_per_epoch: int) -> float:
+    """How far a learned-width SE gate can move over the whole run under AdamW: the sum of its
+    learning rates (Adam moves a parameter by about lr per step at most, whatever the gradient)."""
+    factor = lr_factor(cfg, steps_per_epoch)
+    rate = cfg.optim.lr * cfg.model.learned.gate_lr_scale
+    return rate * sum(factor(i) for i in range(cfg.train.epochs * steps_per_epoch))
+
+
 class EpochBatchSampler(Sampler[list[int]]):
     """Batches in a fresh order every epoch, reproducible from (seed, epoch), sharded over ranks.
 
@@ -442,6 +450,13 @@ def _fit(cfg, config_path, resume, resumed, quiet, log, on_finish, world: distri
         ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.train.ema_decay), use_buffers=True)
     penalty = None
     gated = [block for _, block in learned_blocks(model)]  # reduction: learned
+    if gated and m.learned.penalty > 0 and cfg.optim.name == "adamw":
+        travel = gate_travel(cfg, steps_per_epoch)
+        if travel < 2:  # gates start at 1: they could barely reach 0 by the last step
+            log(f"note: reduction: learned: in {cfg.train.epochs * steps_per_epoch} optimizer steps a gate can "
+                f"move by about {travel:.1f} in all and starts at 1, so few units can close; raise "
+                f"model.learned.gate_lr_scale (e.g. to {math.ceil(3 * m.learned.gate_lr_scale / travel)}) "
+                "or train for more steps")
     if gated and m.learned.penalty > 0:
 
         def penalty() -> torch.Tensor:

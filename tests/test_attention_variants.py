@@ -31,7 +31,7 @@ from semodel.models import (
     sparsity_loss,
 )
 from semodel.models.attention import eca_kernel_size, make_attention
-from semodel.train import train_from_cli
+from semodel.train import gate_travel, train_from_cli
 
 
 def n_params(module: torch.nn.Module) -> int:
@@ -363,3 +363,20 @@ def test_learned_run_resumes(learned_run, capsys):
     last = load_ckpt(run_dir / "last.pt")
     assert last["epoch"] == 5
     assert len(last["optimizer"]["param_groups"]) == 3  # the gates keep their own group
+
+
+def test_gate_travel_and_the_note_for_short_runs(tmp_path, capsys):
+    base = {"data": {"root": "x"}, "optim": {"name": "adamw", "lr": 0.001}, "train": {"epochs": 4},
+            "model": {"reduction": "learned", "learned": {"gate_lr_scale": 10}}}
+    constant = validate({**base, "schedule": {"name": "constant", "warmup_epochs": 0}}, "t")
+    assert gate_travel(constant, 50) == pytest.approx(4 * 50 * 0.001 * 10)  # every step at lr x scale
+    cosine = validate({**base, "schedule": {"name": "cosine", "warmup_epochs": 0}}, "t")
+    assert gate_travel(cosine, 50) == pytest.approx(1.0, rel=0.02)  # cosine averages half the lr
+    # A short run says so, and names a scale that would let the gates travel.
+    root = make_folder(tmp_path / "data", ["cat", "dog"], per_class=6)
+    raw = tiny_config(root, tmp_path / "runs", "short", model={"reduction": "learned"},
+                      optim={"name": "adamw", "lr": 0.001}, data={"batch_size": 6})
+    code, out, err = run_cli(["train", "--config", write_config(tmp_path / "s.yaml", raw), "--quiet"], capsys)
+    assert code == 0, err
+    assert "note: reduction: learned: in 2 optimizer steps a gate can move by about 0.0" in out
+    assert "raise model.learned.gate_lr_scale" in out
