@@ -131,6 +131,11 @@ class DataConfig(Section):
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     batch_size: int = Field(32, ge=1)
     num_workers: int | Literal["auto"] = "auto"
+    cache: Literal["auto", "gpu", "ram", "none"] = Field(
+        "none",
+        description="decode every image once and keep it (uint8) on the GPU or in RAM; augment per batch on the "
+        "device (auto: gpu, else ram, where it fits in a quarter of what is free)",
+    )
     balance: Literal["none", "sampler", "loss"] = "none"
     mixup: float = Field(0.0, ge=0, description="mixup alpha (0 = off)")
     cutmix: float = Field(0.0, ge=0, description="cutmix alpha (0 = off)")

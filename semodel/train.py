@@ -26,6 +26,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Sampler
 
 from semodel import __version__, distributed
+from semodel.cache import cached_loaders
+from semodel.cache import choose as choose_cache
 from semodel.checkpoint import (
     load_checkpoint,
     model_options,
@@ -419,14 +421,21 @@ def _fit(cfg, config_path, resume, resumed, quiet, log, on_finish, world: distri
         raise SemodelError(f"{len(data.split('val'))} validation images for {world.size} processes: "
                            "each process needs at least one; use fewer processes or a larger data.split.val")
     val_samples = data.split("val")[world.rank :: world.size]
-    val_loader = DataLoader(
-        ImageList(data.root, val_samples, eval_transform(preprocess)), cfg.data.batch_size * 2, **loader_kw
-    )
+    cache, cache_why = choose_cache(cfg, device, len(train_set), len(val_samples))
+    if cache == "none":
+        val_loader = DataLoader(
+            ImageList(data.root, val_samples, eval_transform(preprocess)), cfg.data.batch_size * 2, **loader_kw
+        )
     log(
         f"data: {data.root}  classes: {', '.join(data.classes)}  "
         f"train/val/test: {len(data.split('train'))}/{len(data.split('val'))}/{len(data.split('test'))}  "
-        f"workers: {workers}" + (f"  processes: {world.size} x batch {cfg.data.batch_size}" if world.distributed else "")
+        + (f"workers: {workers}" if cache == "none" else cache_why)
+        + (f"  processes: {world.size} x batch {cfg.data.batch_size}" if world.distributed else "")
     )
+    if cache != "none":  # decode once; augment whole batches on the device (semodel/cache.py)
+        train_loader, val_loader = cached_loaders(
+            cfg, cache, data.root, data.split("train"), val_samples, sampler, device, log
+        )
 
     # Model, optimizer, schedule
     m = cfg.model

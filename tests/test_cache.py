@@ -1,0 +1,137 @@
+"""data.cache: batched crops and flips against plain tensor operations, crop statistics, the cached
+validation images equal the eval transform's, the choice of cache, and a cached training run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers_ckpt import assert_one_line_error, make_folder, run_cli
+from helpers_train import (
+    one_torch_thread,  # noqa: F401  (autouse fixture: one torch thread)
+    tiny_config,
+    write_config,
+)
+
+import semodel.cache as cache
+from semodel.config import validate
+from semodel.data import eval_transform, load_rgb, preprocess_of, scan_dataset
+
+
+def full_box(n: int) -> torch.Tensor:
+    return torch.tensor([[1.0, 1.0, 0.5, 0.5]]).repeat(n, 1)
+
+
+def test_full_crop_is_a_plain_bilinear_resize():
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (3, 3, 40, 40), dtype=torch.uint8)
+    out = cache.resized_crops(images, full_box(3), 24)
+    expected = F.interpolate(images.float() / 255, size=(24, 24), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)
+
+
+def test_flips_mirror_the_crop():
+    torch.manual_seed(1)
+    images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    boxes = torch.tensor([[0.6, 0.5, 0.4, 0.6]]).repeat(4, 1)
+    plain = cache.resized_crops(images, boxes, 16)
+    h = torch.tensor([True, False, True, False])
+    v = torch.tensor([False, False, True, True])
+    flipped = cache.resized_crops(images, boxes, 16, hflip=h, vflip=v)
+    expected = plain.clone()
+    expected[h] = expected[h].flip(-1)
+    expected[v] = expected[v].flip(-2)
+    torch.testing.assert_close(flipped, expected, rtol=0, atol=1e-5)
+
+
+def test_a_box_crops_that_region():
+    torch.manual_seed(2)
+    images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    # The left half (16 x 32 pixels), resized to 8 x 16 through a square output? Use the top-left quarter.
+    boxes = torch.tensor([[0.5, 0.5, 0.25, 0.25]]).repeat(2, 1)
+    out = cache.resized_crops(images, boxes, 8)
+    quarter = images[:, :, :16, :16].float() / 255
+    expected = F.interpolate(quarter, size=(8, 8), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)
+
+
+def test_crop_boxes_follow_the_scale_and_stay_inside():
+    g = torch.Generator().manual_seed(3)
+    boxes = cache.crop_boxes(20000, (0.35, 1.0), generator=g)
+    w, h, cx, cy = boxes.unbind(1)
+    assert ((cx - w / 2) >= -1e-6).all() and ((cx + w / 2) <= 1 + 1e-6).all()
+    assert ((cy - h / 2) >= -1e-6).all() and ((cy + h / 2) <= 1 + 1e-6).all()
+    unclipped = (w < 1) & (h < 1)
+    area = (w * h)[unclipped]
+    assert area.min() >= 0.35 - 1e-6 and area.max() <= 1 + 1e-6
+    aspect = (w / h)[unclipped]
+    assert aspect.min() >= 3 / 4 - 1e-4 and aspect.max() <= 4 / 3 + 1e-4
+    assert area.min() < 0.36 and area.max() > 0.95  # the whole range is drawn
+
+
+def test_cached_validation_images_equal_the_eval_transform(tmp_path):
+    root = make_folder(tmp_path / "data", ["cat", "dog"], per_class=3)
+    raw = tiny_config(root, tmp_path / "runs", data={"image_size": 20, "cache": "ram"})
+    cfg = validate(raw, "t")
+    data = scan_dataset(root)
+    samples = data.samples
+    for s in samples:
+        s.split = "val"
+    _, val = cache.cached_loaders(cfg, "ram", root, samples[:2], samples, [[0, 1]], torch.device("cpu"), print)
+    images, labels = next(iter(val))
+    transform = eval_transform(preprocess_of(cfg))
+    expected = torch.stack([transform(load_rgb(root / s.path)) for s in samples])
+    torch.testing.assert_close(images, expected, rtol=0, atol=1e-6)
+    assert labels.tolist() == [s.label for s in samples]
+
+
+def test_choose(monkeypatch):
+    base = {"data": {"root": "x", "image_size": 64}}
+    cpu = torch.device("cpu")
+
+    def cfg(**data):
+        return validate({"data": {**base["data"], **data}}, "t")
+
+    assert cache.choose(cfg(), cpu, 100, 10)[0] == "none"  # the default
+    assert cache.choose(cfg(cache="ram"), cpu, 100, 10)[0] == "ram"
+    monkeypatch.setattr(cache, "available_ram", lambda: 10**12)
+    assert cache.choose(cfg(cache="auto"), cpu, 100, 10)[0] == "ram"
+    monkeypatch.setattr(cache, "available_ram", lambda: 10**5)  # 100 KB: nothing fits
+    kind, why = cache.choose(cfg(cache="auto"), cpu, 100, 10)
+    assert kind == "none" and "does not fit" in why
+    kind, why = cache.choose(cfg(cache="auto", augment={"color_jitter": 0.2}), cpu, 100, 10)
+    assert kind == "none" and "color_jitter" in why
+    with pytest.raises(Exception, match="does not do augment.auto_augment: trivial"):
+        cache.choose(cfg(cache="ram", augment={"auto_augment": "trivial"}), cpu, 100, 10)
+    with pytest.raises(Exception, match="gpu needs a CUDA device"):
+        cache.choose(cfg(cache="gpu"), cpu, 100, 10)
+    # 3 bytes per pixel: 100 training squares of 73 px (64 / 0.875) and 10 validation images of 64 px
+    assert cache.cache_bytes(cfg(), 100, 10) == 3 * (100 * 73 * 73 + 10 * 64 * 64)
+
+
+def test_cached_run_trains_and_validates_like_eval(tmp_path, capsys):
+    root = make_folder(tmp_path / "data", ["cat", "dog", "fox"], per_class=8)
+    raw = tiny_config(root, tmp_path / "runs", "cached", data={"cache": "ram", "batch_size": 6},
+                      train={"epochs": 2})
+    code, out, err = run_cli(["train", "--config", write_config(tmp_path / "c.yaml", raw), "--quiet"], capsys)
+    assert code == 0, err
+    assert "data.cache: decoded 18 + 6 images once into RAM" in out
+    run_dir = tmp_path / "runs" / "cached"
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    code, out, err = run_cli(["eval", run_dir / "best.pt", "--split", "val", "--output", tmp_path / "e.json",
+                              "--device", "cpu"], capsys)
+    assert code == 0, err
+    evaluated = json.loads((tmp_path / "e.json").read_text())["metrics"]
+    # The cached validation images are the eval transform's: the same predictions and loss.
+    assert evaluated["acc"] == metrics["val"]["acc"]
+    assert evaluated["confusion_matrix"] == metrics["val"]["confusion_matrix"]
+    assert evaluated["loss"] == pytest.approx(metrics["val"]["loss"], rel=1e-5)
+
+
+def test_gpu_cache_without_a_gpu_is_a_one_line_error(tmp_path, capsys):
+    root = make_folder(tmp_path / "data", ["cat", "dog"], per_class=4)
+    raw = tiny_config(root, tmp_path / "runs", "g", data={"cache": "gpu"})
+    code, _, err = run_cli(["train", "--config", write_config(tmp_path / "g.yaml", raw)], capsys)
+    assert_one_line_error(code, err, "data.cache: gpu needs a CUDA device")
