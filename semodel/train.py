@@ -380,6 +380,7 @@ def _fit(cfg, config_path, resume, resumed, quiet, log, on_finish, world: distri
     if cfg.train.sync_bn and world.distributed and device.type != "cuda":
         raise SemodelError("train.sync_bn needs CUDA devices (PyTorch's SyncBatchNorm does not run on CPU)")
     dtype = amp_dtype(cfg.train.amp, device)
+    choose_cache(cfg, device, 0, 0)  # a data.cache the device or the augmentations cannot take: before any folder
 
     # Run folder and data: rank 0 scans, splits and writes split.csv, and sends the split to the
     # others (so that other nodes need the images, but not the run folder).

@@ -135,3 +135,4 @@ def test_gpu_cache_without_a_gpu_is_a_one_line_error(tmp_path, capsys):
     raw = tiny_config(root, tmp_path / "runs", "g", data={"cache": "gpu"})
     code, _, err = run_cli(["train", "--config", write_config(tmp_path / "g.yaml", raw)], capsys)
     assert_one_line_error(code, err, "data.cache: gpu needs a CUDA device")
+    assert not (tmp_path / "runs").exists()  # refused before a run folder was made
