@@ -26,7 +26,6 @@ from semodel.models import (
     LearnedWidthSE,
     SqueezeExcite,
     build_model,
-    learned_widths,
     prune_attention,
     sparsity_loss,
 )
