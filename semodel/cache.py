@@ -64,23 +64,30 @@ def available_ram() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
+def refuse(cfg: Any, device: torch.device) -> None:
+    """A SemodelError for a ``data.cache: ram|gpu`` that these augmentations or this device cannot take."""
+    setting = cfg.data.cache
+    blockers = unsupported(cfg)
+    if setting in ("ram", "gpu") and blockers:
+        raise SemodelError(
+            f"data.cache: {setting} augments whole batches and does not do {', '.join(blockers)}; "
+            "remove them or set data.cache: none"
+        )
+    if setting == "gpu" and device.type != "cuda":
+        raise SemodelError(f"data.cache: gpu needs a CUDA device (training runs on {device}); use ram")
+
+
 def choose(cfg: Any, device: torch.device, n_train: int, n_val: int) -> tuple[str, str]:
     """The cache to use (``gpu``, ``ram`` or ``none``) and why, for the log line."""
     setting = cfg.data.cache
     if setting == "none":
         return "none", "data.cache: none"
+    refuse(cfg, device)
     blockers = unsupported(cfg)
-    if blockers:
-        if setting == "auto":
-            return "none", f"data.cache auto: off, per-image augmentations ({', '.join(blockers)})"
-        raise SemodelError(
-            f"data.cache: {setting} augments whole batches and does not do {', '.join(blockers)}; "
-            "remove them or set data.cache: none"
-        )
+    if blockers:  # auto
+        return "none", f"data.cache auto: off, per-image augmentations ({', '.join(blockers)})"
     need = cache_bytes(cfg, n_train, n_val)
     if setting == "gpu":
-        if device.type != "cuda":
-            raise SemodelError(f"data.cache: gpu needs a CUDA device (training runs on {device}); use ram")
         return "gpu", f"data.cache: gpu ({need / 2**30:.2f} GiB)"
     if setting == "ram":
         return "ram", f"data.cache: ram ({need / 2**30:.2f} GiB)"

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from semodel.data import Sample
+from semodel.models.attention import format_widths
 from semodel.errors import SemodelError
 
 _STAGE = re.compile(r"^(layer\d+|denseblock\d+)$")
@@ -410,6 +411,5 @@ def format_summary(stats: list[SiteStats], widths: dict[str, dict[str, int]], ac
     if widths:
         kept = sum(w["width"] for w in widths.values())
         start = sum(w["start"] for w in widths.values())
-        lines.append(f"learned SE widths: {kept} of {start} hidden units kept; per block: "
-                     + ", ".join(f"{n.removesuffix('.se')} {w['width']}/{w['start']}" for n, w in widths.items()))
+        lines.append(f"learned SE widths: {kept} of {start} hidden units kept; per block: {format_widths(widths)}")
     return lines

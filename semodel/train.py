@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, Sampler
 from semodel import __version__, distributed
 from semodel.cache import cached_loaders
 from semodel.cache import choose as choose_cache
+from semodel.cache import refuse as refuse_cache
 from semodel.checkpoint import (
     load_checkpoint,
     model_options,
@@ -50,7 +51,7 @@ from semodel.errors import SemodelError
 from semodel.evaluate import autocast, predict_probs
 from semodel.metrics import classification_metrics
 from semodel.models import build_model, learned_widths, prune_attention, sparsity_loss
-from semodel.models.attention import learned_blocks
+from semodel.models.attention import format_widths, learned_blocks
 from semodel.predict import resolve_device
 
 # Metric to monitor -> (key in the validation metrics, whether higher is better)
@@ -380,7 +381,7 @@ def _fit(cfg, config_path, resume, resumed, quiet, log, on_finish, world: distri
     if cfg.train.sync_bn and world.distributed and device.type != "cuda":
         raise SemodelError("train.sync_bn needs CUDA devices (PyTorch's SyncBatchNorm does not run on CPU)")
     dtype = amp_dtype(cfg.train.amp, device)
-    choose_cache(cfg, device, 0, 0)  # a data.cache the device or the augmentations cannot take: before any folder
+    refuse_cache(cfg, device)  # a data.cache the device or the augmentations cannot take: before any folder
 
     # Run folder and data: rank 0 scans, splits and writes split.csv, and sends the split to the
     # others (so that other nodes need the images, but not the run folder).
@@ -414,7 +415,6 @@ def _fit(cfg, config_path, resume, resumed, quiet, log, on_finish, world: distri
     )
     if workers > 0:
         loader_kw["prefetch_factor"] = 4
-    train_loader = DataLoader(train_set, batch_sampler=sampler, **loader_kw)
     preprocess = preprocess_of(cfg)
     # Each rank evaluates every W-th validation image; predictions are gathered before metrics,
     # so that they cover every validation image exactly once.
@@ -424,6 +424,7 @@ def _fit(cfg, config_path, resume, resumed, quiet, log, on_finish, world: distri
     val_samples = data.split("val")[world.rank :: world.size]
     cache, cache_why = choose_cache(cfg, device, len(train_set), len(val_samples))
     if cache == "none":
+        train_loader = DataLoader(train_set, batch_sampler=sampler, **loader_kw)
         val_loader = DataLoader(
             ImageList(data.root, val_samples, eval_transform(preprocess)), cfg.data.batch_size * 2, **loader_kw
         )
@@ -694,10 +695,6 @@ def width_scalars(widths: dict[str, dict[str, int]]) -> dict[str, float]:
     scalars = {f"attention/width/{name}": float(w["width"]) for name, w in widths.items()}
     scalars["attention/open_fraction"] = open_fraction(widths)
     return scalars
-
-
-def format_widths(widths: dict[str, dict[str, int]]) -> str:
-    return ", ".join(f"{name.removesuffix('.se')} {w['width']}/{w['start']}" for name, w in widths.items())
 
 
 def make_mixer(cfg: Config, num_classes: int):

@@ -269,6 +269,11 @@ def learned_widths(model: nn.Module) -> dict[str, dict[str, int]]:
     return {name: {"channels": m.channels, "start": m.hidden, "width": m.width} for name, m in learned_blocks(model)}
 
 
+def format_widths(widths: dict[str, dict[str, int]]) -> str:
+    """``layer1.0 16/16, ..., layer4.1 1/128``: hidden units kept / started with, per block."""
+    return ", ".join(f"{name.removesuffix('.se')} {w['width']}/{w['start']}" for name, w in widths.items())
+
+
 def prune_attention(model: nn.Module) -> dict[str, dict[str, int]]:
     """Replace every ``LearnedWidthSE`` in ``model`` by its pruned ``SqueezeExcite`` (in place).
 
