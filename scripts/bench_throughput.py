@@ -33,13 +33,19 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from semodel.models import build_model  # noqa: E402
+from semodel.models.fused import set_fused  # noqa: E402
 
 # a model key -> builder(num_classes)
 Builder = Callable[[int], nn.Module]
 
 
-def _semodel(name: str, **kw: Any) -> Builder:
-    return lambda nc: build_model(name, num_classes=nc, **kw)
+def _semodel(name: str, fused: bool = True, **kw: Any) -> Builder:
+    def make(nc: int) -> nn.Module:
+        model = build_model(name, num_classes=nc, **kw)
+        set_fused(model, fused)  # the fused SE tail is the default; off for the comparison
+        return model
+
+    return make
 
 
 def _timm(name: str) -> Builder:
@@ -63,8 +69,10 @@ def _tv(name: str) -> Builder:
 MODELS: dict[str, Builder] = {
     "semodel:se_resnet18": _semodel("se_resnet18"),
     "semodel:se_resnet18(attention=none)": _semodel("se_resnet18", attention="none"),
+    "semodel:se_resnet18(unfused)": _semodel("se_resnet18", fused=False),
     "semodel:se_resnet50": _semodel("se_resnet50"),
     "semodel:se_resnet50(attention=none)": _semodel("se_resnet50", attention="none"),
+    "semodel:se_resnet50(unfused)": _semodel("se_resnet50", fused=False),
     "semodel:se_densenet121": _semodel("se_densenet121"),
     "timm:seresnet18": _timm("seresnet18"),
     "timm:seresnet50": _timm("seresnet50"),
@@ -78,9 +86,11 @@ PAIRS = {
     "r18-timm": ("semodel:se_resnet18", "timm:seresnet18"),
     "r18-se-overhead": ("semodel:se_resnet18", "semodel:se_resnet18(attention=none)"),
     "r18-tv": ("semodel:se_resnet18(attention=none)", "torchvision:resnet18"),
+    "r18-fused": ("semodel:se_resnet18", "semodel:se_resnet18(unfused)"),
     "r50-timm": ("semodel:se_resnet50", "timm:seresnet50"),
     "r50-tv": ("semodel:se_resnet50(attention=none)", "torchvision:resnet50"),
     "r50-se-overhead": ("semodel:se_resnet50", "semodel:se_resnet50(attention=none)"),
+    "r50-fused": ("semodel:se_resnet50", "semodel:se_resnet50(unfused)"),
     "d121-tv": ("semodel:se_densenet121", "torchvision:densenet121"),
 }
 DEFAULTS = {

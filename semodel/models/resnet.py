@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from semodel.models.attention import make_attention
+from semodel.models.fused import se_residual_tail
 
 AttentionFactory = Callable[[int], "nn.Module | None"]
 
@@ -45,8 +46,34 @@ def conv1x1(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(in_planes, out_planes, 1, stride=stride, bias=False)
 
 
+def _hooked(module: nn.Module) -> bool:
+    """Whether calling ``module`` would run a forward (pre-)hook, its own or a global one."""
+    from torch.nn.modules import module as _m
+
+    return bool(
+        module._forward_hooks or module._forward_pre_hooks
+        or getattr(_m, "_global_forward_hooks", None) or getattr(_m, "_global_forward_pre_hooks", None)
+    )
+
+
+def residual_tail(block: nn.Module, out: torch.Tensor, identity: torch.Tensor) -> torch.Tensor:
+    """``relu(se(out) + identity)``: attention on the residual branch only, then the add and ReLU.
+
+    With ``block.fused_tail`` (the default) pooling, excitation, scale, add and ReLU run as one
+    autograd node (``semodel.models.fused``); a hooked attention module is called as a module
+    instead, so that its hooks see its input and output. Both paths compute the same function.
+    """
+    se = block.se
+    if se is None:
+        return block.relu(out + identity)
+    if block.fused_tail and not _hooked(se):
+        return se_residual_tail(out, identity, se)
+    return block.relu(se(out) + identity)
+
+
 class BasicBlock(nn.Module):
     expansion = 1
+    fused_tail = True  # see residual_tail; semodel.models.fused.set_fused switches it
 
     def __init__(
         self,
@@ -70,13 +97,12 @@ class BasicBlock(nn.Module):
         identity = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
-        if self.se is not None:
-            out = self.se(out)  # residual branch only, before the addition
-        return self.relu(out + identity)
+        return residual_tail(self, out, identity)
 
 
 class Bottleneck(nn.Module):
     expansion = 4
+    fused_tail = True
 
     def __init__(
         self,
@@ -104,9 +130,7 @@ class Bottleneck(nn.Module):
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
-        if self.se is not None:
-            out = self.se(out)
-        return self.relu(out + identity)
+        return residual_tail(self, out, identity)
 
 
 STEMS = ("imagenet", "cifar")
