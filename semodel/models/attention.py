@@ -72,8 +72,9 @@ class SqueezeExcite(nn.Module):
         bias: whether the two fully connected layers have biases (the paper's do).
         gate: ``"sigmoid"`` (paper) or ``"hard_sigmoid"`` (MobileNetV3 style, usually with r = 4).
 
-    The fully connected layers are 1x1 convolutions on the pooled ``N x C x 1 x 1`` tensor, so
-    the module needs no reshapes and keeps the memory format (channels_last works as is).
+    The fully connected layers hold 1x1-convolution parameters (``fc1.weight``: C/r x C x 1 x 1,
+    as published SE checkpoints) and run as GEMMs on the pooled ``N x C`` vector (``pointwise``);
+    the weights come back as ``N x C x 1 x 1``, which broadcasts over any H x W and memory format.
     """
 
     def __init__(
