@@ -147,6 +147,7 @@ def test_paths_taken(monkeypatch):
     assert name(se_residual_tail(x, identity, att)) == "ReluBackward0"
 
 
+@pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::torch.jit.TracerWarning")
 def test_trace_records_no_python_op(always_fused):
     torch.manual_seed(0)
     model = build_model("se_resnet18", num_classes=3).train()

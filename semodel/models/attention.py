@@ -46,7 +46,7 @@ def pointwise(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
 
     The SE layers keep their 1x1-convolution parameters (``out x in x 1 x 1``, the layout of
     published SE checkpoints), but on a pooled ``1 x 1`` map a GEMM does the same arithmetic with
-    less overhead than a convolution call: about 3x faster forward + backward on this project's CPU
+    less overhead than a convolution call: 2-3x faster forward + backward on this project's CPU
     for SE-ResNet-50's widest block. The modules' forward is therefore not called (hook ``gate``
     for the weights, as ``semodel inspect`` does).
     """
