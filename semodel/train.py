@@ -229,6 +229,15 @@ class Interrupt:
             signal.signal(signal.SIGINT, self._previous)
 
 
+def discard_new_run(run_dir: Path) -> None:
+    """Remove a run folder made just now by a run that could not start (what it wrote: the split
+    and the config); a folder holding anything else is left as it is."""
+    for name in ("split.csv", "config.yaml"):
+        (run_dir / name).unlink(missing_ok=True)
+    if run_dir.is_dir() and not any(run_dir.iterdir()):
+        run_dir.rmdir()
+
+
 def new_run_dir(cfg: Config, config_path: Path | None) -> Path:
     name = cfg.log.name or (config_path.stem if config_path else "run")
     base = Path(cfg.log.out_dir).expanduser()
@@ -395,8 +404,8 @@ def _fit(cfg, config_path, resume, resumed, quiet, log, on_finish, world: distri
             data = prepare_dataset(cfg, run_dir, resume=resumed is not None, log=log,
                                    classes=list(resumed["classes"]) if resumed else None, split=split)
         except SemodelError:
-            if not resume and not any(run_dir.iterdir()):
-                run_dir.rmdir()  # made just now: a run that cannot start leaves no folder behind
+            if not resume:
+                discard_new_run(run_dir)
             raise
         write_yaml(cfg, run_dir / "config.yaml")  # after the data checks: a failed resume keeps the old one
     run_dir, data = distributed.broadcast_object((run_dir, data), world)
@@ -442,9 +451,14 @@ def _fit(cfg, config_path, resume, resumed, quiet, log, on_finish, world: distri
     # Model, optimizer, schedule
     m = cfg.model
     options = model_options(cfg.to_dict())
-    model = build_model(
-        options.pop("name"), num_classes=len(data.classes), pretrained=None if resumed else m.pretrained, **options
-    )
+    try:
+        model = build_model(
+            options.pop("name"), num_classes=len(data.classes), pretrained=None if resumed else m.pretrained, **options
+        )
+    except SemodelError:  # e.g. model.pretrained names a missing file or cannot be downloaded
+        if world.is_main and not resume:
+            discard_new_run(run_dir)
+        raise
     if cfg.train.sync_bn and world.distributed:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(device)

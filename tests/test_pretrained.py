@@ -12,6 +12,8 @@ import urllib.error
 import pytest
 import torch
 import torchvision
+from helpers_ckpt import assert_one_line_error, make_folder, run_cli
+from helpers_train import tiny_config, write_config
 from torchvision.models import WeightsEnum
 
 from semodel.errors import SemodelError
@@ -225,6 +227,19 @@ def test_missing_file(tmp_path):
     with pytest.raises(SemodelError, match="not found") as info:
         build_model("se_resnet18", num_classes=5, pretrained=str(missing))
     assert "nope.pth" in str(info.value)
+
+
+def test_train_with_a_missing_weights_file_leaves_no_run_folder(tmp_path, capsys):
+    """The error comes after the split was written: the folder made for the run goes again."""
+    root = make_folder(tmp_path / "data")
+    runs = tmp_path / "runs"
+    (runs / "earlier").mkdir(parents=True)  # another run's folder: untouched
+    (runs / "earlier" / "keep.txt").write_text("x")
+    cfg = write_config(tmp_path / "c.yaml", tiny_config(root, runs, "pt", model={"pretrained": str(tmp_path / "nope.pth")}))
+    code, _, err = run_cli(["train", "--config", cfg, "--quiet"], capsys)
+    assert_one_line_error(code, err, "pretrained weights file not found", tmp_path / "nope.pth")
+    assert sorted(p.name for p in runs.iterdir()) == ["earlier"]
+    assert (runs / "earlier" / "keep.txt").read_text() == "x"
 
 
 @pytest.mark.parametrize(
