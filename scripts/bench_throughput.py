@@ -9,7 +9,9 @@ One measured step is a full training step: forward, cross-entropy loss, backward
 (momentum 0.9, the same settings for every model). Data are random tensors made once on the
 device. Both models of a pair run with the same batch size, image size, dtype (bf16 autocast on
 CUDA, fp32 on CPU unless ``--amp``), memory format and ``--compile`` setting, in train mode.
-Warm-up steps are timed separately (compilation lands there). The two models of a pair are timed
+Warm-up steps are timed separately (compilation lands there). ``*-fused`` pairs compare semodel's
+default SE-ResNet (fused SE tail, semodel/models/fused.py) with the same model built with the tail
+as separate ops (``set_fused(model, False)``). The two models of a pair are timed
 interleaved in rounds (A, B, A, B, ...) and each model's median over the rounds is reported, so
 that machine noise hits both alike.
 """
@@ -95,7 +97,7 @@ PAIRS = {
 }
 DEFAULTS = {
     "cpu": dict(pairs="r18-timm,r18-se-overhead", batch_size=32, image_size=64, num_classes=1000),
-    "cuda": dict(pairs="r50-timm,r50-tv,r50-se-overhead,d121-tv", batch_size=256, image_size=224,
+    "cuda": dict(pairs="r50-timm,r50-tv,r50-se-overhead,r50-fused,d121-tv", batch_size=256, image_size=224,
                  num_classes=1000),
 }
 
