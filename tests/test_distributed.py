@@ -17,7 +17,9 @@ only rank 0's micro-batches (DDP copies rank 0's buffers to the others at every 
 accumulation they see all of them. They do not enter the training forward pass (BN normalises
 with the batch's own statistics in training), so the parameters are compared, not the buffers.
 Random augmentation is off (square 16 px images, crop scale 1, no flip), so that the two runs see
-the same pixels.
+the same pixels. Epoch 1 runs the fused SE tail of the residual blocks (semodel/models/fused.py)
+at these small sizes too, in both runs, so DDP's gradient hooks are tested with it; epoch 2 (the
+resume) runs the plain ops, as small tensors do by default.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from helpers_train import (
 )
 
 import semodel.cli
+import semodel.models.fused as fused
 from semodel.config import validate
 from semodel.models import build_model
 from semodel.train import fit, train_from_cli
@@ -64,9 +67,11 @@ import os
 import torch
 
 import semodel.cli
+import semodel.models.fused
 import semodel.train
 from semodel.errors import SemodelError
 
+semodel.models.fused.MIN_FUSED_ELEMENTS = 0  # the fused SE tail at every size, as on a GPU
 rank = int(os.environ["RANK"])
 real_predict_probs = semodel.train.predict_probs
 epochs = []
@@ -139,7 +144,11 @@ def single(ddp):
     """The reference: 1 process, batch 3, accum_steps 2; 1 epoch, then resumed to 2 (in this process)."""
     raw = tiny_config(ddp["root"], ddp["base"] / "single-runs", "single", **SETTINGS)
     raw["train"] = {**raw["train"], "epochs": 1, "accum_steps": 2}
-    run_dir = fit(validate(raw, "single"), quiet=True, log=lambda _: None)
+    min_fused, fused.MIN_FUSED_ELEMENTS = fused.MIN_FUSED_ELEMENTS, 0  # as the wrapper's epoch 1
+    try:
+        run_dir = fit(validate(raw, "single"), quiet=True, log=lambda _: None)
+    finally:
+        fused.MIN_FUSED_ELEMENTS = min_fused
     epoch1 = load_ckpt(run_dir / "last.pt")
     train_from_cli(None, ["train.epochs=2"], run_dir / "last.pt", quiet=True)
     return {"epoch1": epoch1, "epoch2": load_ckpt(run_dir / "last.pt")}
