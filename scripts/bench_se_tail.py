@@ -4,7 +4,8 @@
     python scripts/bench_se_tail.py --device cuda --batch-size 256 --image-size 224 --channels-last
 
 Times forward + backward of ``relu(se(x) + identity)`` at the four SE-ResNet-50 stage shapes
-(C = 256, 512, 1024, 2048 at 1/4, 1/8, 1/16, 1/32 of the image size), SE with r = 16:
+(C = 256, 512, 1024, 2048 at 1/4, 1/8, 1/16, 1/32 of the image size; ``--stages resnet18``:
+C = 64 ... 512), SE with r = 16:
 
 - plain: ``relu(se(x) + identity)`` as separate PyTorch ops (``fused_tail`` off)
 - fused: ``semodel.models.fused.se_residual_tail`` (the default in SE-ResNet blocks)
@@ -29,9 +30,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from semodel.models.attention import SqueezeExcite  # noqa: E402
+import semodel.models.fused as fused  # noqa: E402
 from semodel.models.fused import se_residual_tail  # noqa: E402
 
-STAGES = ((256, 4), (512, 8), (1024, 16), (2048, 32))  # channels, downsampling of the image
+STAGES = {  # channels, downsampling of the image
+    "resnet50": ((256, 4), (512, 8), (1024, 16), (2048, 32)),
+    "resnet18": ((64, 4), (128, 8), (256, 16), (512, 32)),
+}
 
 
 def main() -> None:
@@ -40,6 +45,10 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=None, help="default: 256 on CUDA, 32 on CPU")
     p.add_argument("--image-size", type=int, default=None, help="default: 224 on CUDA, 64 on CPU")
     p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--stages", choices=list(STAGES), default="resnet50", help="whose stage shapes")
+    p.add_argument("--always-fused", action="store_true",
+                   help=f"the fused node at every size (by default tensors under {fused.MIN_FUSED_ELEMENTS} "
+                        "elements take the plain ops)")
     p.add_argument("--amp", action="store_true", help="bf16 autocast on CPU too (always on for CUDA)")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--rounds", type=int, default=5)
@@ -54,16 +63,19 @@ def main() -> None:
     amp = torch.bfloat16 if (cuda or args.amp) else None
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
     name = torch.cuda.get_device_name(device) if cuda else f"cpu, torch threads {torch.get_num_threads()}"
+    if args.always_fused:
+        fused.MIN_FUSED_ELEMENTS = 0
 
     def sync() -> None:
         if cuda:
             torch.cuda.synchronize(device)
 
     print(f"device: {name}; torch {torch.__version__}; batch {batch}, {size} px, "
-          f"{'bf16 autocast' if amp else 'fp32'}, channels_last {args.channels_last}; "
+          f"{'bf16 autocast' if amp else 'fp32'}, channels_last {args.channels_last}, {args.stages} stages, "
+          f"fused node {'at every size' if args.always_fused else f'from {fused.MIN_FUSED_ELEMENTS} elements'}; "
           f"{args.rounds} rounds x {args.steps} steps, forward + backward")
     rows = []
-    for channels, down in STAGES:
+    for channels, down in STAGES[args.stages]:
         hw = max(1, size // down)
         torch.manual_seed(0)
         se = SqueezeExcite(channels, 16).to(device)
@@ -119,13 +131,14 @@ def main() -> None:
         print(f"C {channels:4d} at {hw:3d}x{hw:<3d}  no attention {row['no_attention_ms']:8.3f} ms  "
               f"plain {row['plain_ms']:8.3f} ms  fused {row['fused_ms']:8.3f} ms  "
               f"plain/fused {row['ratio']:.3f}  (|diff| out {diff_out:.1e}, grad {diff_grad:.1e})", flush=True)
-    plain = sum(r["plain_ms"] - r["no_attention_ms"] for r in rows)
-    fused = sum(r["fused_ms"] - r["no_attention_ms"] for r in rows)
-    print(f"attention cost over the four stages (one block each): plain {plain:.3f} ms, fused {fused:.3f} ms"
-          f" -> fused costs {fused / plain:.2f} of plain" if plain > 0 else "")
+    plain_cost = sum(r["plain_ms"] - r["no_attention_ms"] for r in rows)
+    fused_cost = sum(r["fused_ms"] - r["no_attention_ms"] for r in rows)
+    print(f"attention cost over the four stages (one block each): plain {plain_cost:.3f} ms, fused {fused_cost:.3f} ms"
+          f" -> fused costs {fused_cost / plain_cost:.2f} of plain" if plain_cost > 0 else "")
     if args.json:
         args.json.write_text(json.dumps({"device": name, "batch_size": batch, "image_size": size,
                                          "channels_last": args.channels_last, "amp": amp is not None,
+                                         "stages": args.stages, "always_fused": args.always_fused,
                                          "results": rows}, indent=2) + "\n")
         print(f"wrote {args.json}")
 

@@ -36,10 +36,11 @@ from semodel.models.attention import squeeze
 
 
 # Below this many elements per block output the plain ops are used. The node saves whole passes
-# over the tensor but costs a fixed ~0.1 ms of Python and autograd per block (2-core CPU, torch
-# 2.14): forward + backward at batch 32 it was 8 % faster at 64 x 16 x 16 channels x pixels
-# (524k elements) and 7-22 % slower at 128 x 8 x 8 and below (scripts/bench_se_tail.py; the
-# training shapes on a GPU, batch 256 at 224 px, are 25M elements and more).
+# over the tensor but costs a fixed ~0.1 ms of Python and autograd per block. Forward + backward
+# at batch 32 on this project's 2-core CPU (`python scripts/bench_se_tail.py --device cpu
+# --stages resnet18 --always-fused --rounds 9`): 1.56x faster at 64 channels x 16 x 16 (524k
+# elements), even at 128 x 8 x 8 (262k), 0.87x and 0.81x at 256 x 4 x 4 and 512 x 2 x 2. The
+# training shapes on a GPU (batch 256 at 224 px) are 25M elements and more.
 MIN_FUSED_ELEMENTS = 1 << 19
 
 
