@@ -18,10 +18,11 @@ them anyway), so it needs no more memory than the plain composition. The result 
 gradient (input, shortcut, attention parameters) equal the plain composition's: tested in float64
 against ``residual_tail_reference`` and with ``gradcheck``.
 
-The node is used in training with autograd on. Under ``torch.no_grad``/``inference_mode`` the tail
-is ``addcmul`` + in-place ReLU without saving anything; under tracing, scripting, ``torch.compile``
-or ``torch.export`` it is the plain composition, which those tools understand (``torch.compile``
-fuses it into few kernels by itself).
+The node is used in training with autograd on, for block outputs of at least
+``MIN_FUSED_ELEMENTS`` elements. Under ``torch.no_grad``/``inference_mode`` the tail is
+``addcmul`` + in-place ReLU without saving anything; under tracing, scripting, ``torch.compile`` or
+``torch.export``, and for smaller tensors, it is the plain composition, which those tools
+understand (``torch.compile`` fuses it into few kernels by itself).
 """
 
 from __future__ import annotations
