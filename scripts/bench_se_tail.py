@@ -29,8 +29,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from semodel.models.attention import SqueezeExcite  # noqa: E402
 import semodel.models.fused as fused  # noqa: E402
+from semodel.models.attention import SqueezeExcite  # noqa: E402
 from semodel.models.fused import se_residual_tail  # noqa: E402
 
 STAGES = {  # channels, downsampling of the image
@@ -87,12 +87,12 @@ def main() -> None:
         identity.requires_grad_()
 
         variants = {
-            "no attention": lambda: torch.relu(x + identity),
-            "plain": lambda: torch.relu(se(x) + identity),
-            "fused": lambda: se_residual_tail(x, identity, se),
+            "no attention": lambda x=x, i=identity: torch.relu(x + i),
+            "plain": lambda x=x, i=identity, se=se: torch.relu(se(x) + i),
+            "fused": lambda x=x, i=identity, se=se: se_residual_tail(x, i, se),
         }
 
-        def step(fn) -> torch.Tensor:
+        def step(fn, grad=grad) -> torch.Tensor:
             with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
                 out = fn()
             out.backward(grad)

@@ -65,7 +65,7 @@ def test_matches_plain_composition(always_fused, attention, fmt):
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
     grad_out = torch.randn_like(out)
     for name, a, b in zip(["x", "identity"] + [n for n, _ in att.named_parameters()],
-                          grads(out, inputs, grad_out), grads(ref, inputs, grad_out)):
+                          grads(out, inputs, grad_out), grads(ref, inputs, grad_out), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=lambda m, n=name: f"d{n}: {m}")
     # the same module call as in a block with attention, by hand: x * w where w = excitation(x)
     torch.testing.assert_close(out, torch.relu(att(x) + identity), rtol=1e-12, atol=1e-12)
@@ -107,7 +107,7 @@ def test_backward_twice_with_retain_graph(always_fused):
     out = se_residual_tail(x, identity, att).sum()
     first = torch.autograd.grad(out, (x, *att.parameters()), retain_graph=True)
     second = torch.autograd.grad(out, (x, *att.parameters()))
-    for a, b in zip(first, second):
+    for a, b in zip(first, second, strict=True):
         torch.testing.assert_close(a, b)
 
 
@@ -200,7 +200,7 @@ def test_whole_model_fused_equals_unfused(always_fused, name, placement, fmt):
             assert grads_f[n] is None, n
             continue
         torch.testing.assert_close(grads_f[n], grads_p[n], rtol=1e-9, atol=1e-11, msg=lambda m, n=n: f"{n}: {m}")
-    for a, b in zip(models[0].buffers(), models[1].buffers()):  # BN running statistics
+    for a, b in zip(models[0].buffers(), models[1].buffers(), strict=True):  # BN running statistics
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 

@@ -35,7 +35,6 @@ from torch.autograd.function import once_differentiable
 
 from semodel.models.attention import squeeze
 
-
 # Below this many elements per block output the plain ops are used. The node saves whole passes
 # over the tensor but costs a fixed ~0.1 ms of Python and autograd per block. Forward + backward
 # at batch 32 on this project's 2-core CPU (`python scripts/bench_se_tail.py --device cpu
@@ -70,7 +69,7 @@ class SEResidualTail(torch.autograd.Function):
         g = torch.ops.aten.threshold_backward(grad, out, 0)
         grad_x = None
         param_grads: list[torch.Tensor | None] = [None] * len(params)
-        wanted = [p for p, need in zip(params, need_params) if need]
+        wanted = [p for p, need in zip(params, need_params, strict=True) if need]
         if need_x or wanted:
             grad_w = (g * x).sum(dim=(2, 3), keepdim=True).to(w_graph.dtype)
             inputs = ([s_in] if need_x else []) + wanted
