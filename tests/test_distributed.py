@@ -144,11 +144,9 @@ def single(ddp):
     """The reference: 1 process, batch 3, accum_steps 2; 1 epoch, then resumed to 2 (in this process)."""
     raw = tiny_config(ddp["root"], ddp["base"] / "single-runs", "single", **SETTINGS)
     raw["train"] = {**raw["train"], "epochs": 1, "accum_steps": 2}
-    min_fused, fused.MIN_FUSED_ELEMENTS = fused.MIN_FUSED_ELEMENTS, 0  # as the wrapper's epoch 1
-    try:
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(fused, "MIN_FUSED_ELEMENTS", 0)  # as the wrapper's epoch 1
         run_dir = fit(validate(raw, "single"), quiet=True, log=lambda _: None)
-    finally:
-        fused.MIN_FUSED_ELEMENTS = min_fused
     epoch1 = load_ckpt(run_dir / "last.pt")
     train_from_cli(None, ["train.epochs=2"], run_dir / "last.pt", quiet=True)
     return {"epoch1": epoch1, "epoch2": load_ckpt(run_dir / "last.pt")}

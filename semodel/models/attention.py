@@ -110,8 +110,12 @@ class SqueezeExcite(nn.Module):
     def excite(self, squeezed: torch.Tensor) -> torch.Tensor:
         """The weights from the pooled input ``N x C x 1 x 1`` (the squeeze done by the caller)."""
         n = squeezed.shape[0]
-        hidden = self.relu(pointwise(self.fc1, squeezed.reshape(n, -1)))
+        hidden = self.hidden_units(squeezed.reshape(n, -1))
         return self.gate(pointwise(self.fc2, hidden).view(n, -1, 1, 1))
+
+    def hidden_units(self, squeezed: torch.Tensor) -> torch.Tensor:
+        """The hidden layer ``relu(fc1(s))`` for the pooled ``N x C`` vectors."""
+        return self.relu(pointwise(self.fc1, squeezed))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x * self.excitation(x)
@@ -159,10 +163,8 @@ class LearnedWidthSE(SqueezeExcite):
     def width(self) -> int:
         return int(self.open_units().sum())
 
-    def excite(self, squeezed: torch.Tensor) -> torch.Tensor:
-        n = squeezed.shape[0]
-        hidden = self.relu(pointwise(self.fc1, squeezed.reshape(n, -1))) * self.unit_gate.clamp(min=0)
-        return self.gate(pointwise(self.fc2, hidden).view(n, -1, 1, 1))
+    def hidden_units(self, squeezed: torch.Tensor) -> torch.Tensor:
+        return super().hidden_units(squeezed) * self.unit_gate.clamp(min=0)
 
     @torch.no_grad()
     def pruned(self) -> SqueezeExcite:

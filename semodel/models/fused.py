@@ -79,19 +79,12 @@ class SEResidualTail(torch.autograd.Function):
             if need_x:
                 grad_s = grads.pop(0)
                 hw = x.shape[2] * x.shape[3]
-                grad_x = torch.addcmul((grad_s / hw).to(g.dtype), g, w.to(g.dtype))
-                fmt = _format_of(x)  # the layout the convolution's backward expects
-                if not grad_x.is_contiguous(memory_format=fmt):
-                    grad_x = grad_x.contiguous(memory_format=fmt)
+                # written straight into x's layout, which the convolution's backward expects
+                grad_x = torch.empty_like(x, dtype=g.dtype)
+                torch.addcmul((grad_s / hw).to(g.dtype), g, w.to(g.dtype), out=grad_x)
             it = iter(grads)
             param_grads = [next(it) if need else None for need in need_params]
         return (grad_x, g if need_identity else None, None, *param_grads)
-
-
-def _format_of(t: torch.Tensor) -> torch.memory_format:
-    if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous():
-        return torch.channels_last
-    return torch.contiguous_format
 
 
 def capturing_graph() -> bool:
@@ -122,10 +115,13 @@ def se_residual_tail(x: torch.Tensor, identity: torch.Tensor, attention: nn.Modu
     channels_last).
     """
     excite = attention.excite
-    if capturing_graph():
-        return residual_tail_reference(x, identity, excite)
-    small = x.numel() < MIN_FUSED_ELEMENTS  # the saved passes would not pay for the node's overhead
-    if small or x.dim() != 4 or identity.shape != x.shape:
+    # capture first: the size checks would put tensor-to-bool conversions into a trace
+    if (
+        capturing_graph()
+        or x.numel() < MIN_FUSED_ELEMENTS  # the saved passes would not pay for the node's overhead
+        or x.dim() != 4
+        or identity.shape != x.shape
+    ):
         return residual_tail_reference(x, identity, excite)
     params = tuple(attention.parameters())
     needs_grad = torch.is_grad_enabled() and (
