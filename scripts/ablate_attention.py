@@ -57,10 +57,16 @@ RECIPE: dict[str, Any] = {
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("data", type=Path, help="an ImageFolder: DATA/<class>/<image>")
-    p.add_argument("--group-by", default=None, help="regex over file names; its first group is the patient id")
-    p.add_argument("--config", type=Path, default=None, help="a semodel YAML recipe (default: the built-in one)")
+    p.add_argument(
+        "--group-by", default=None, help="regex over file names; its first group is the patient id"
+    )
+    p.add_argument(
+        "--config", type=Path, default=None, help="a semodel YAML recipe (default: the built-in one)"
+    )
     p.add_argument("--model", default=None, help="backbone (default: the recipe's, se_resnet18)")
-    p.add_argument("--variants", default="none,se,learned,eca", help="comma-separated: none, se, learned, eca")
+    p.add_argument(
+        "--variants", default="none,se,learned,eca", help="comma-separated: none, se, learned, eca"
+    )
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="split + init seeds")
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--image-size", type=int, default=None)
@@ -74,14 +80,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def run_config(args: argparse.Namespace, variant: str, seed: int):
     raw = read_yaml(args.config) if args.config else json.loads(json.dumps(RECIPE))
-    changes = [f"data.root={args.data}", f"data.split.seed={seed}", f"train.seed={seed}",
-               f"train.device={args.device}", f"log.out_dir={args.out}", f"log.name={variant}-s{seed}"]
+    changes = [
+        f"data.root={args.data}",
+        f"data.split.seed={seed}",
+        f"train.seed={seed}",
+        f"train.device={args.device}",
+        f"log.out_dir={args.out}",
+        f"log.name={variant}-s{seed}",
+    ]
     if args.group_by:
         changes.append(f"data.split.group_by={args.group_by}")
     if args.model:
         changes.append(f"model.name={args.model}")
-    for key, value in (("train.epochs", args.epochs), ("data.image_size", args.image_size),
-                       ("data.batch_size", args.batch_size)):
+    for key, value in (
+        ("train.epochs", args.epochs),
+        ("data.image_size", args.image_size),
+        ("data.batch_size", args.batch_size),
+    ):
         if value is not None:
             changes.append(f"{key}={value}")
     changes += [f"model.{k}={v}" for k, v in VARIANTS[variant].items()]
@@ -99,8 +114,10 @@ def run_one(args: argparse.Namespace, variant: str, seed: int) -> dict[str, Any]
         print(f"{variant} seed {seed}: done before, reading {run_dir / 'metrics.json'}", flush=True)
     else:
         if run_dir.exists():
-            raise SemodelError(f"{run_dir} exists without metrics.json (an unfinished run): remove it or resume it "
-                               f"with semodel train --resume {run_dir / 'last.pt'}")
+            raise SemodelError(
+                f"{run_dir} exists without metrics.json (an unfinished run): remove it or resume it "
+                f"with semodel train --resume {run_dir / 'last.pt'}"
+            )
         t0 = time.time()
         run_dir = fit(cfg, quiet=True, log=lambda line: None)
         print(f"{variant} seed {seed}: {time.time() - t0:.0f}s  {run_dir}", flush=True)
@@ -135,14 +152,16 @@ def summarize(results: list[dict[str, Any]], variants: list[str]) -> str:
     for v in variants:
         rs = [r for r in results if r["variant"] == v]
         params = sorted({r["params"] for r in rs})
-        rows.append([
-            {"se": "se (r = 16)", "learned": "se (learned width)"}.get(v, v),
-            f"{params[0]:,}" if len(params) == 1 else f"{params[0]:,}-{params[-1]:,}",
-            mean_std([r["test_acc"] for r in rs]),
-            mean_std([r["test_balanced_acc"] for r in rs]),
-            f"{statistics.mean(r['images_per_s'] for r in rs):.0f}",
-            " ".join(f"{100 * r['test_acc']:.1f}" for r in rs),
-        ])
+        rows.append(
+            [
+                {"se": "se (r = 16)", "learned": "se (learned width)"}.get(v, v),
+                f"{params[0]:,}" if len(params) == 1 else f"{params[0]:,}-{params[-1]:,}",
+                mean_std([r["test_acc"] for r in rs]),
+                mean_std([r["test_balanced_acc"] for r in rs]),
+                f"{statistics.mean(r['images_per_s'] for r in rs):.0f}",
+                " ".join(f"{100 * r['test_acc']:.1f}" for r in rs),
+            ]
+        )
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines)
@@ -166,11 +185,15 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() and args.device != "cpu" else "CPU"
-    print(f"\n{run_config(args, variants[0], args.seeds[0]).model.name}, seeds {args.seeds}, device: {device}, "
-          f"torch {torch.__version__}")
+    print(
+        f"\n{run_config(args, variants[0], args.seeds[0]).model.name}, seeds {args.seeds}, device: {device}, "
+        f"torch {torch.__version__}"
+    )
     print(summarize(results, variants))
     if args.json:
-        args.json.write_text(json.dumps({"device": device, "argv": sys.argv[1:], "results": results}, indent=2) + "\n")
+        args.json.write_text(
+            json.dumps({"device": device, "argv": sys.argv[1:], "results": results}, indent=2) + "\n"
+        )
     return 0
 
 

@@ -61,8 +61,17 @@ def main(argv: list[str] | None = None) -> int:
     from semodel.train import EpochBatchSampler
 
     device = torch.device(args.device)
-    cfg = validate({"data": {"root": str(args.data), "image_size": args.image_size, "batch_size": args.batch_size,
-                             "augment": {"scale": [0.35, 1.0], "hflip": 0.5}}}, "bench")
+    cfg = validate(
+        {
+            "data": {
+                "root": str(args.data),
+                "image_size": args.image_size,
+                "batch_size": args.batch_size,
+                "augment": {"scale": [0.35, 1.0], "hflip": 0.5},
+            }
+        },
+        "bench",
+    )
     data = scan_dataset(args.data, check=False)
     samples = data.samples[: args.limit] if args.limit else data.samples
     sampler = EpochBatchSampler(len(samples), args.batch_size, 0, 0, 1, None)
@@ -80,9 +89,15 @@ def main(argv: list[str] | None = None) -> int:
                 yield images.to(device, non_blocking=True), labels
 
     for workers in args.workers:
-        loader = DataLoader(ImageList(args.data, samples, train_transform(cfg)), batch_sampler=sampler,
-                            num_workers=workers, collate_fn=collate_skip_bad, pin_memory=device.type == "cuda",
-                            persistent_workers=workers > 0, **({"prefetch_factor": 4} if workers else {}))
+        loader = DataLoader(
+            ImageList(args.data, samples, train_transform(cfg)),
+            batch_sampler=sampler,
+            num_workers=workers,
+            collate_fn=collate_skip_bad,
+            pin_memory=device.type == "cuda",
+            persistent_workers=workers > 0,
+            **({"prefetch_factor": 4} if workers else {}),
+        )
         ips = run_epochs(ToDevice(loader), args.epochs, device)
         rows.append({"pipeline": f"DataLoader, {workers} workers", "images_per_s": ips, "setup_s": 0.0})
         print(f"{rows[-1]['pipeline']}: {ips:.0f} img/s", flush=True)
@@ -92,20 +107,33 @@ def main(argv: list[str] | None = None) -> int:
         train, _ = cached_loaders(cfg, kind, args.data, samples, samples[:1], sampler, device, lambda m: None)
         setup = time.perf_counter() - t0
         ips = run_epochs(train, args.epochs, device)
-        rows.append({"pipeline": f"data.cache: {kind}, augment on {device.type}", "images_per_s": ips, "setup_s": setup})
+        rows.append(
+            {
+                "pipeline": f"data.cache: {kind}, augment on {device.type}",
+                "images_per_s": ips,
+                "setup_s": setup,
+            }
+        )
         print(f"{rows[-1]['pipeline']}: {ips:.0f} img/s (decoding once: {setup:.1f}s)", flush=True)
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     threads = torch.get_num_threads()
-    print(f"\n{len(samples)} images of {args.data}, {args.image_size} px, batch {args.batch_size}, device {name}, "
-          f"{threads} torch threads, torch {torch.__version__}")
+    print(
+        f"\n{len(samples)} images of {args.data}, {args.image_size} px, batch {args.batch_size}, "
+        f"device {name}, "
+        f"{threads} torch threads, torch {torch.__version__}"
+    )
     base = rows[0]["images_per_s"]
     print("| pipeline | images/s | ratio | one-off decoding |\n|---|---|---|---|")
     for r in rows:
-        print(f"| {r['pipeline']} | {r['images_per_s']:.0f} | {r['images_per_s'] / base:.2f}x | "
-              f"{r['setup_s']:.1f} s |")
+        print(
+            f"| {r['pipeline']} | {r['images_per_s']:.0f} | {r['images_per_s'] / base:.2f}x | "
+            f"{r['setup_s']:.1f} s |"
+        )
     if args.json:
-        args.json.write_text(json.dumps({"device": name, "argv": sys.argv[1:], "rows": rows}, indent=2) + "\n")
+        args.json.write_text(
+            json.dumps({"device": name, "argv": sys.argv[1:], "rows": rows}, indent=2) + "\n"
+        )
     return 0
 
 

@@ -46,9 +46,12 @@ def main() -> None:
     p.add_argument("--image-size", type=int, default=None, help="default: 224 on CUDA, 64 on CPU")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--stages", choices=list(STAGES), default="resnet50", help="whose stage shapes")
-    p.add_argument("--always-fused", action="store_true",
-                   help=f"the fused node at every size (by default tensors under {fused.MIN_FUSED_ELEMENTS} "
-                        "elements take the plain ops)")
+    p.add_argument(
+        "--always-fused",
+        action="store_true",
+        help=f"the fused node at every size (by default tensors under {fused.MIN_FUSED_ELEMENTS} "
+        "elements take the plain ops)",
+    )
     p.add_argument("--amp", action="store_true", help="bf16 autocast on CPU too (always on for CUDA)")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--rounds", type=int, default=5)
@@ -70,10 +73,13 @@ def main() -> None:
         if cuda:
             torch.cuda.synchronize(device)
 
-    print(f"device: {name}; torch {torch.__version__}; batch {batch}, {size} px, "
-          f"{'bf16 autocast' if amp else 'fp32'}, channels_last {args.channels_last}, {args.stages} stages, "
-          f"fused node {'at every size' if args.always_fused else f'from {fused.MIN_FUSED_ELEMENTS} elements'}; "
-          f"{args.rounds} rounds x {args.steps} steps, forward + backward")
+    print(
+        f"device: {name}; torch {torch.__version__}; batch {batch}, {size} px, "
+        f"{'bf16 autocast' if amp else 'fp32'}, channels_last {args.channels_last}, {args.stages} stages, "
+        "fused node "
+        f"{'at every size' if args.always_fused else f'from {fused.MIN_FUSED_ELEMENTS} elements'}; "
+        f"{args.rounds} rounds x {args.steps} steps, forward + backward"
+    )
     rows = []
     for channels, down in STAGES[args.stages]:
         hw = max(1, size // down)
@@ -122,24 +128,48 @@ def main() -> None:
                 times[key].append((time.perf_counter() - t0) / args.steps * 1e3)
         med = {k: statistics.median(v) for k, v in times.items()}
         row = {
-            "channels": channels, "hw": hw,
-            "no_attention_ms": round(med["no attention"], 3), "plain_ms": round(med["plain"], 3),
-            "fused_ms": round(med["fused"], 3), "ratio": round(med["plain"] / med["fused"], 3),
-            "max_abs_diff_out": diff_out, "max_abs_diff_grad": diff_grad,
+            "channels": channels,
+            "hw": hw,
+            "no_attention_ms": round(med["no attention"], 3),
+            "plain_ms": round(med["plain"], 3),
+            "fused_ms": round(med["fused"], 3),
+            "ratio": round(med["plain"] / med["fused"], 3),
+            "max_abs_diff_out": diff_out,
+            "max_abs_diff_grad": diff_grad,
         }
         rows.append(row)
-        print(f"C {channels:4d} at {hw:3d}x{hw:<3d}  no attention {row['no_attention_ms']:8.3f} ms  "
-              f"plain {row['plain_ms']:8.3f} ms  fused {row['fused_ms']:8.3f} ms  "
-              f"plain/fused {row['ratio']:.3f}  (|diff| out {diff_out:.1e}, grad {diff_grad:.1e})", flush=True)
+        print(
+            f"C {channels:4d} at {hw:3d}x{hw:<3d}  no attention {row['no_attention_ms']:8.3f} ms  "
+            f"plain {row['plain_ms']:8.3f} ms  fused {row['fused_ms']:8.3f} ms  "
+            f"plain/fused {row['ratio']:.3f}  (|diff| out {diff_out:.1e}, grad {diff_grad:.1e})",
+            flush=True,
+        )
     plain_cost = sum(r["plain_ms"] - r["no_attention_ms"] for r in rows)
     fused_cost = sum(r["fused_ms"] - r["no_attention_ms"] for r in rows)
-    print(f"attention cost over the four stages (one block each): plain {plain_cost:.3f} ms, fused {fused_cost:.3f} ms"
-          f" -> fused costs {fused_cost / plain_cost:.2f} of plain" if plain_cost > 0 else "")
+    print(
+        f"attention cost over the four stages (one block each): plain {plain_cost:.3f} ms, "
+        f"fused {fused_cost:.3f} ms"
+        f" -> fused costs {fused_cost / plain_cost:.2f} of plain"
+        if plain_cost > 0
+        else ""
+    )
     if args.json:
-        args.json.write_text(json.dumps({"device": name, "batch_size": batch, "image_size": size,
-                                         "channels_last": args.channels_last, "amp": amp is not None,
-                                         "stages": args.stages, "always_fused": args.always_fused,
-                                         "results": rows}, indent=2) + "\n")
+        args.json.write_text(
+            json.dumps(
+                {
+                    "device": name,
+                    "batch_size": batch,
+                    "image_size": size,
+                    "channels_last": args.channels_last,
+                    "amp": amp is not None,
+                    "stages": args.stages,
+                    "always_fused": args.always_fused,
+                    "results": rows,
+                },
+                indent=2,
+            )
+            + "\n"
+        )
         print(f"wrote {args.json}")
 
 

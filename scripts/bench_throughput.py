@@ -97,8 +97,12 @@ PAIRS = {
 }
 DEFAULTS = {
     "cpu": dict(pairs="r18-timm,r18-se-overhead", batch_size=32, image_size=64, num_classes=1000),
-    "cuda": dict(pairs="r50-timm,r50-tv,r50-se-overhead,r50-fused,d121-tv", batch_size=256, image_size=224,
-                 num_classes=1000),
+    "cuda": dict(
+        pairs="r50-timm,r50-tv,r50-se-overhead,r50-fused,d121-tv",
+        batch_size=256,
+        image_size=224,
+        num_classes=1000,
+    ),
 }
 
 
@@ -129,8 +133,9 @@ def rss_mib() -> float | None:
 class Runner:
     """One model with its optimizer and a compiled-or-not training step."""
 
-    def __init__(self, key: str, args: argparse.Namespace, device: torch.device,
-                 x: torch.Tensor, y: torch.Tensor) -> None:
+    def __init__(
+        self, key: str, args: argparse.Namespace, device: torch.device, x: torch.Tensor, y: torch.Tensor
+    ) -> None:
         self.key = key
         self.device = device
         torch.manual_seed(0)
@@ -191,11 +196,15 @@ def bench_pair(a_key: str, b_key: str, args: argparse.Namespace, device: torch.d
     a, b = runners
     ips = [args.batch_size / statistics.median(r.times) for r in runners]
     row = {
-        "model": a.key, "counterpart": b.key,
-        "params": a.params, "counterpart_params": b.params,
-        "images_per_s": round(ips[0], 2), "counterpart_images_per_s": round(ips[1], 2),
+        "model": a.key,
+        "counterpart": b.key,
+        "params": a.params,
+        "counterpart_params": b.params,
+        "images_per_s": round(ips[0], 2),
+        "counterpart_images_per_s": round(ips[1], 2),
         "ratio": round(ips[0] / ips[1], 4),
-        "warmup_s": round(a.warmup_s, 3), "counterpart_warmup_s": round(b.warmup_s, 3),
+        "warmup_s": round(a.warmup_s, 3),
+        "counterpart_warmup_s": round(b.warmup_s, 3),
         "step_ms_rounds": [round(t * 1e3, 2) for t in a.times],
         "counterpart_step_ms_rounds": [round(t * 1e3, 2) for t in b.times],
         "peak_mib": None if a.peak_mib is None else round(a.peak_mib, 1),
@@ -229,8 +238,11 @@ def profile_pair(a_key: str, b_key: str, args: argparse.Namespace, device: torch
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--pairs", default=None,
-                   help=f"comma-separated, from: {', '.join(PAIRS)} (default depends on the device)")
+    p.add_argument(
+        "--pairs",
+        default=None,
+        help=f"comma-separated, from: {', '.join(PAIRS)} (default depends on the device)",
+    )
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--image-size", type=int, default=None)
     p.add_argument("--num-classes", type=int, default=None)
@@ -241,8 +253,13 @@ def main() -> None:
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--compile", action="store_true", help="torch.compile both models")
     p.add_argument("--json", type=Path, default=None, help="write the results here")
-    p.add_argument("--profile", type=int, default=0, metavar="N",
-                   help="after the benchmark, profile one step of each model of each pair, top N ops")
+    p.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="N",
+        help="after the benchmark, profile one step of each model of each pair, top N ops",
+    )
     args = p.parse_args()
 
     if args.device == "auto":
@@ -264,10 +281,12 @@ def main() -> None:
     dev = device_name(device)
     dtype = "bf16 autocast" if args.amp_dtype is not None else "fp32"
     print(f"device: {device.type} ({dev})")
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}; batch {args.batch_size}, "
-          f"{args.image_size} px, {args.num_classes} classes, {dtype}, "
-          f"channels_last {args.channels_last}, compile {args.compile}; "
-          f"warm-up {args.warmup}, {args.rounds} rounds x {args.steps} steps (interleaved)")
+    print(
+        f"torch {torch.__version__}, threads {torch.get_num_threads()}; batch {args.batch_size}, "
+        f"{args.image_size} px, {args.num_classes} classes, {dtype}, "
+        f"channels_last {args.channels_last}, compile {args.compile}; "
+        f"warm-up {args.warmup}, {args.rounds} rounds x {args.steps} steps (interleaved)"
+    )
     rows = []
     for s in pairs:
         a, b = PAIRS[s]
@@ -275,13 +294,30 @@ def main() -> None:
         rows.append(bench_pair(a, b, args, device))
 
     mem_col = "peak MiB" if device.type == "cuda" else None
-    header = ["model", "counterpart", "params", "cp params", "img/s", "cp img/s", "ratio",
-              "warm-up s", "cp warm-up s"] + ([mem_col, "cp " + mem_col] if mem_col else [])
+    header = [
+        "model",
+        "counterpart",
+        "params",
+        "cp params",
+        "img/s",
+        "cp img/s",
+        "ratio",
+        "warm-up s",
+        "cp warm-up s",
+    ] + ([mem_col, "cp " + mem_col] if mem_col else [])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
-        cells = [r["model"], r["counterpart"], f"{r['params']:,}", f"{r['counterpart_params']:,}",
-                 f"{r['images_per_s']:.1f}", f"{r['counterpart_images_per_s']:.1f}", f"{r['ratio']:.3f}",
-                 f"{r['warmup_s']:.2f}", f"{r['counterpart_warmup_s']:.2f}"]
+        cells = [
+            r["model"],
+            r["counterpart"],
+            f"{r['params']:,}",
+            f"{r['counterpart_params']:,}",
+            f"{r['images_per_s']:.1f}",
+            f"{r['counterpart_images_per_s']:.1f}",
+            f"{r['ratio']:.3f}",
+            f"{r['warmup_s']:.2f}",
+            f"{r['counterpart_warmup_s']:.2f}",
+        ]
         if mem_col:
             cells += [f"{r['peak_mib']:.0f}", f"{r['counterpart_peak_mib']:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
@@ -294,11 +330,21 @@ def main() -> None:
 
     if args.json:
         out = {
-            "device": device.type, "device_name": dev, "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "batch_size": args.batch_size,
-            "image_size": args.image_size, "num_classes": args.num_classes, "dtype": dtype,
-            "channels_last": args.channels_last, "compile": args.compile, "warmup": args.warmup,
-            "steps": args.steps, "rounds": args.rounds, "peak_rss_mib": rss, "results": rows,
+            "device": device.type,
+            "device_name": dev,
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "batch_size": args.batch_size,
+            "image_size": args.image_size,
+            "num_classes": args.num_classes,
+            "dtype": dtype,
+            "channels_last": args.channels_last,
+            "compile": args.compile,
+            "warmup": args.warmup,
+            "steps": args.steps,
+            "rounds": args.rounds,
+            "peak_rss_mib": rss,
+            "results": rows,
         }
         args.json.write_text(json.dumps(out, indent=2) + "\n")
         print(f"wrote {args.json}")

@@ -15,8 +15,19 @@ import subprocess
 import sys
 import time
 
-HEAVY = ["torchvision", "matplotlib", "torchmetrics", "tensorboard", "onnx", "onnxruntime", "yaml",
-         "semodel.train", "semodel.config", "semodel.evaluate", "semodel.gradcam"]
+HEAVY = [
+    "torchvision",
+    "matplotlib",
+    "torchmetrics",
+    "tensorboard",
+    "onnx",
+    "onnxruntime",
+    "yaml",
+    "semodel.train",
+    "semodel.config",
+    "semodel.evaluate",
+    "semodel.gradcam",
+]
 
 
 def timed(args: list[str], repeat: int) -> float:
@@ -35,8 +46,17 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=5)
     args = parser.parse_args()
 
-    predict = [sys.executable, "-m", "semodel", "predict", args.image, "--checkpoint", args.checkpoint,
-               "--device", "cpu"]
+    predict = [
+        sys.executable,
+        "-m",
+        "semodel",
+        "predict",
+        args.image,
+        "--checkpoint",
+        args.checkpoint,
+        "--device",
+        "cpu",
+    ]
     floor = timed([sys.executable, "-c", "import torch"], args.repeat)
     total = timed(predict, args.repeat)
     probe = (

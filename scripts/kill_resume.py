@@ -101,8 +101,9 @@ def child(trace: str, argv: list[str]) -> None:
         return "finish"
 
     train.train_one_epoch = hook(train.train_one_epoch, train_label)
-    train.predict_probs = hook(train.predict_probs,
-                               lambda a, k: "test" if now["finish"] else f"val {now['epoch']}")
+    train.predict_probs = hook(
+        train.predict_probs, lambda a, k: "test" if now["finish"] else f"val {now['epoch']}"
+    )
     train.save_checkpoint = hook(train.save_checkpoint, lambda a, k: f"save {Path(a[1]).name} {now['epoch']}")
     train.finish_run = hook(train.finish_run, finish_label)
     sys.argv = ["semodel", *argv]
@@ -112,8 +113,9 @@ def child(trace: str, argv: list[str]) -> None:
 # ----------------------------------------------------------------------------- setup
 
 
-def write_config(path: Path, data_root: Path, out_dir: Path, name: str, epochs: int,
-                 tensorboard: bool) -> Path:
+def write_config(
+    path: Path, data_root: Path, out_dir: Path, name: str, epochs: int, tensorboard: bool
+) -> Path:
     import yaml
 
     config = {
@@ -129,8 +131,16 @@ def write_config(path: Path, data_root: Path, out_dir: Path, name: str, epochs: 
         },
         "optim": {"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 0.0005},
         "schedule": {"name": "cosine", "warmup_epochs": 1},
-        "train": {"epochs": epochs, "device": "cpu", "seed": 0, "deterministic": True, "ema": True,
-                  "ema_decay": 0.9, "label_smoothing": 0.1, "monitor": "val_loss"},
+        "train": {
+            "epochs": epochs,
+            "device": "cpu",
+            "seed": 0,
+            "deterministic": True,
+            "ema": True,
+            "ema_decay": 0.9,
+            "label_smoothing": 0.1,
+            "monitor": "val_loss",
+        },
         "log": {"out_dir": str(out_dir), "name": name, "tensorboard": tensorboard},
     }
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -200,8 +210,13 @@ def category(phase: str, temp_files: list[str]) -> str:
         return "checkpoint write"
     if phase == "unknown":
         return "unknown (--plain: no trace)"
-    for prefix, what in (("train", "training step"), ("val", "validation"), ("test", "final test"),
-                         ("finish", "final test"), ("startup", "startup")):
+    for prefix, what in (
+        ("train", "training step"),
+        ("val", "validation"),
+        ("test", "final test"),
+        ("finish", "final test"),
+        ("startup", "startup"),
+    ):
         if phase.startswith(prefix):
             return what
     return "between phases (logging, TensorBoard, loader setup)"
@@ -236,8 +251,9 @@ class Attempt:
     log: Path
 
 
-def run_attempt(args: list[str], trace: Path, log: Path, plain: bool, trigger: str | None = None,
-                delay: float = 0.0) -> Attempt:
+def run_attempt(
+    args: list[str], trace: Path, log: Path, plain: bool, trigger: str | None = None, delay: float = 0.0
+) -> Attempt:
     """Run ``semodel ARGS``; with a trigger, SIGKILL it ``delay`` s after the trace shows ``+ trigger``.
 
     ``trigger`` "" means the process start. A process that ends by itself first is not killed.
@@ -246,8 +262,9 @@ def run_attempt(args: list[str], trace: Path, log: Path, plain: bool, trigger: s
     log.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     with open(log, "w") as out:
-        process = subprocess.Popen(command(args, trace, plain), stdout=out, stderr=subprocess.STDOUT,
-                                   env=child_env())
+        process = subprocess.Popen(
+            command(args, trace, plain), stdout=out, stderr=subprocess.STDOUT, env=child_env()
+        )
         try:
             if trigger is None:
                 rc = process.wait(timeout=ATTEMPT_TIMEOUT_S)
@@ -303,8 +320,13 @@ def _differences(a: Any, b: Any, where: str, out: list[str]) -> None:
     import torch
 
     if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-        same = isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dtype == b.dtype \
-            and a.shape == b.shape and torch.equal(a, b)
+        same = (
+            isinstance(a, torch.Tensor)
+            and isinstance(b, torch.Tensor)
+            and a.dtype == b.dtype
+            and a.shape == b.shape
+            and torch.equal(a, b)
+        )
         if not same:
             out.append(where)
     elif isinstance(a, dict) and isinstance(b, dict):
@@ -341,8 +363,9 @@ def compare_runs(reference: Path, run_dir: Path) -> list[str]:
     a, b = (json.loads((d / "metrics.json").read_text()) for d in (reference, run_dir))
     for key in ("best", "epochs", "val", "test"):
         _differences(a.get(key), b.get(key), f"metrics.json:{key}", differences)
-    _differences(_without_timing(a["history"]), _without_timing(b["history"]), "metrics.json:history",
-                 differences)
+    _differences(
+        _without_timing(a["history"]), _without_timing(b["history"]), "metrics.json:history", differences
+    )
     return differences
 
 
@@ -386,8 +409,10 @@ class Report:
         return bool(self.kills) and clean and self.weights_match
 
     def summary(self) -> str:
-        return (f"kills survived: {len(self.kills)} / corrupted checkpoints: {self.corrupted} / "
-                f"final weights match: {'yes' if self.weights_match else 'no'}")
+        return (
+            f"kills survived: {len(self.kills)} / corrupted checkpoints: {self.corrupted} / "
+            f"final weights match: {'yes' if self.weights_match else 'no'}"
+        )
 
     def landed(self) -> Counter:
         return Counter(k.category for k in self.kills)
@@ -415,8 +440,15 @@ def spans(events: list[tuple[float, str, str]]) -> dict[str, float]:
     return out
 
 
-def choose(rng: random.Random, aim: str, planned_epoch: int, done: int, epochs: int,
-           reference: dict[str, float], plain: bool) -> tuple[str, str, float]:
+def choose(
+    rng: random.Random,
+    aim: str,
+    planned_epoch: int,
+    done: int,
+    epochs: int,
+    reference: dict[str, float],
+    plain: bool,
+) -> tuple[str, str, float]:
     """(what, trigger phase, delay) of one kill, when last.pt holds ``done`` epochs.
 
     The kill fires ``delay`` s after the trace shows ``+ trigger`` ("" = the process start);
@@ -438,8 +470,16 @@ def choose(rng: random.Random, aim: str, planned_epoch: int, done: int, epochs: 
     return f"{aim} (epoch {epoch})", f"{aim} {epoch}", rng.uniform(0, reference[aim])
 
 
-def kill_loop(workdir: Path, kills: int = 20, seed: int = 0, epochs: int = 4, aims: list[str] | None = None,
-              plain: bool = False, tensorboard: bool = True, say=print) -> Report:
+def kill_loop(
+    workdir: Path,
+    kills: int = 20,
+    seed: int = 0,
+    epochs: int = 4,
+    aims: list[str] | None = None,
+    plain: bool = False,
+    tensorboard: bool = True,
+    say=print,
+) -> Report:
     """The whole experiment in ``workdir``: reference run, ``kills`` killed attempts, the final resume.
 
     ``aims`` (cycled) replaces the seeded choice of what each kill aims at.
@@ -452,16 +492,22 @@ def kill_loop(workdir: Path, kills: int = 20, seed: int = 0, epochs: int = 4, ai
 
     reference = runs / "reference"
     shutil.rmtree(reference, ignore_errors=True)
-    ref = run_attempt(["train", "--config", str(paths["reference"]), "--quiet"], logs / "reference.trace",
-                      logs / "reference.log", plain=False)
+    ref = run_attempt(
+        ["train", "--config", str(paths["reference"]), "--quiet"],
+        logs / "reference.trace",
+        logs / "reference.log",
+        plain=False,
+    )
     report.reference_s = ref.seconds
     if ref.rc != 0:
         raise RuntimeError(f"the reference run failed (exit code {ref.rc}); see {ref.log}")
     durations = phase_durations(ref.trace)
     first_step = next(t for t, sign, name in ref.trace if name.startswith("train"))
     durations["startup"] = first_step - ref.trace[0][0] + 0.3  # + starting Python
-    say(f"reference: {epochs} epochs straight in {ref.seconds:.1f}s; phases (median s): "
-        + ", ".join(f"{k} {v:.2f}" for k, v in durations.items()))
+    say(
+        f"reference: {epochs} epochs straight in {ref.seconds:.1f}s; phases (median s): "
+        + ", ".join(f"{k} {v:.2f}" for k, v in durations.items())
+    )
     reference_phases = {**spans(ref.trace), **durations}
 
     rng = random.Random(seed)
@@ -490,22 +536,27 @@ def kill_loop(workdir: Path, kills: int = 20, seed: int = 0, epochs: int = 4, ai
         attempt = run_attempt(args, logs / f"{name}.trace", logs / f"{name}.log", plain, trigger, delay)
         if attempt.rc is not None:
             if attempt.rc != 0:
-                raise RuntimeError(f"attempt {number + 1} failed by itself (exit code {attempt.rc}); "
-                                   f"see {attempt.log}")
+                raise RuntimeError(
+                    f"attempt {number + 1} failed by itself (exit code {attempt.rc}); see {attempt.log}"
+                )
             report.completed_early = True
             say(f"attempt {number + 1} completed the run before its kill ({aim}, +{delay:.3f}s)")
             break
         temps = temp_files(run_dir)
         phase = landed_in(attempt.trace) if not plain else "unknown"
         checkpoints, corrupted = check_checkpoints(run_dir) if run_dir.exists() else ({}, [])
-        kill = Kill(number + 1, start, aim, delay, phase, category(phase, temps), temps, checkpoints,
-                    corrupted)
+        kill = Kill(
+            number + 1, start, aim, delay, phase, category(phase, temps), temps, checkpoints, corrupted
+        )
         report.kills.append(kill)
         on_disk = " ".join(f"{n}(epoch {e})" for n, e in checkpoints.items()) or "none"
-        say(f"kill {kill.number:2d}/{kills}  from {start:8s}  aim {aim:18s} +{delay:.3f}s  "
+        say(
+            f"kill {kill.number:2d}/{kills}  from {start:8s}  aim {aim:18s} +{delay:.3f}s  "
             f"landed in: {phase:24s}"
-            f"  checkpoints: {on_disk}" + (f"  temp file left: {', '.join(temps)}" if temps else "")
-            + (f"  CORRUPTED: {'; '.join(corrupted)}" if corrupted else ""))
+            f"  checkpoints: {on_disk}"
+            + (f"  temp file left: {', '.join(temps)}" if temps else "")
+            + (f"  CORRUPTED: {'; '.join(corrupted)}" if corrupted else "")
+        )
 
     # Resume until the run completes.
     args, start, _ = next_args()
@@ -524,15 +575,25 @@ def main() -> int:
         rest = sys.argv[3:]
         child(sys.argv[2], rest[1:] if rest[:1] == ["--"] else rest)
         return 0
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__,
+    )
     parser.add_argument("--kills", type=int, default=20, help="How many times to SIGKILL the run.")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the kill aims and delays.")
     parser.add_argument("--epochs", type=int, default=4, help="Epochs of the run (5 steps each).")
-    parser.add_argument("--workdir", type=Path, default=None,
-                        help="Folder for the data, runs and logs (default: a temp folder, then deleted).")
-    parser.add_argument("--plain", action="store_true",
-                        help="Run `python -m semodel train`, no phase trace; kill at uniform random times.")
+    parser.add_argument(
+        "--workdir",
+        type=Path,
+        default=None,
+        help="Folder for the data, runs and logs (default: a temp folder, then deleted).",
+    )
+    parser.add_argument(
+        "--plain",
+        action="store_true",
+        help="Run `python -m semodel train`, no phase trace; kill at uniform random times.",
+    )
     args = parser.parse_args()
     if args.kills < 1 or args.epochs < 1:
         parser.error("--kills and --epochs must be at least 1")
@@ -548,15 +609,20 @@ def main() -> int:
     landed = report.landed()
     temps = sum(1 for k in report.kills if k.temp_files)
     print()
-    print("kills landed in: " + ", ".join(f"{what} {n}" for what, n in landed.most_common())
-          + f"  ({temps} left a checkpoint temp file behind: killed inside save_checkpoint)")
+    print(
+        "kills landed in: "
+        + ", ".join(f"{what} {n}" for what, n in landed.most_common())
+        + f"  ({temps} left a checkpoint temp file behind: killed inside save_checkpoint)"
+    )
     if report.completed_early:
         print(f"note: the run completed after {len(report.kills)} of {args.kills} kills")
     if report.leftover_temp_files:
         print(f"temp files left after the run completed: {', '.join(report.leftover_temp_files)}")
     if report.differences:
-        print(f"differences from the uninterrupted run ({len(report.differences)}): "
-              + ", ".join(report.differences[:10]))
+        print(
+            f"differences from the uninterrupted run ({len(report.differences)}): "
+            + ", ".join(report.differences[:10])
+        )
     print(f"reference run {report.reference_s:.1f}s, everything {report.total_s:.0f}s")
     print(report.summary())
     return 0 if report.ok else 1

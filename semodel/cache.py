@@ -114,7 +114,12 @@ def decode(path: Path, resize: int, crop: int) -> torch.Tensor:
 
 
 def decode_all(
-    root: Path, samples: Sequence[Sample], resize: int, crop: int, device: torch.device, threads: int | None = None
+    root: Path,
+    samples: Sequence[Sample],
+    resize: int,
+    crop: int,
+    device: torch.device,
+    threads: int | None = None,
 ) -> torch.Tensor:
     """Every sample decoded into one N x 3 x crop x crop uint8 tensor on ``device``."""
     out = torch.empty((len(samples), 3, crop, crop), dtype=torch.uint8, device=device)
@@ -125,8 +130,10 @@ def decode_all(
             out[i] = decode(Path(root) / samples[i].path, resize, crop).to(device)
         except (OSError, SyntaxError, ValueError) as e:
             reason = str(e).strip().splitlines()[0][:100] if str(e).strip() else type(e).__name__
-            raise SemodelError(f"data.cache: cannot decode {Path(root) / samples[i].path} ({reason}); "
-                               "it was readable when the data were checked: was it changed?") from None
+            raise SemodelError(
+                f"data.cache: cannot decode {Path(root) / samples[i].path} ({reason}); "
+                "it was readable when the data were checked: was it changed?"
+            ) from None
 
     with ThreadPoolExecutor(threads) as pool:  # PIL decodes and resizes without holding the GIL
         list(pool.map(one, range(len(samples))))
@@ -136,8 +143,12 @@ def decode_all(
 # ----------------------------------------------------------------------------- batched augmentation
 
 
-def crop_boxes(n: int, scale: tuple[float, float], ratio: tuple[float, float] = (3 / 4, 4 / 3),
-               generator: torch.Generator | None = None) -> torch.Tensor:
+def crop_boxes(
+    n: int,
+    scale: tuple[float, float],
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """n random crops as (width, height, centre x, centre y) in fractions of the square's side.
 
     Area fraction uniform in ``scale``, aspect ratio log-uniform in ``ratio`` (as a random
@@ -155,8 +166,13 @@ def crop_boxes(n: int, scale: tuple[float, float], ratio: tuple[float, float] = 
     return torch.stack([w, h, cx, cy], dim=1)
 
 
-def resized_crops(images: torch.Tensor, boxes: torch.Tensor, size: int, hflip: torch.Tensor | None = None,
-                  vflip: torch.Tensor | None = None) -> torch.Tensor:
+def resized_crops(
+    images: torch.Tensor,
+    boxes: torch.Tensor,
+    size: int,
+    hflip: torch.Tensor | None = None,
+    vflip: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Crop ``boxes`` (see ``crop_boxes``) out of ``images`` (N x 3 x H x W, uint8 or float) and
     resize them to ``size`` (bilinear), flipped where ``hflip`` / ``vflip`` are true; float in [0, 1]."""
     n = images.shape[0]
@@ -191,7 +207,9 @@ class Augment:
     @classmethod
     def of(cls, cfg: Any) -> Augment:
         a = cfg.data.augment
-        return cls(cfg.data.image_size, tuple(a.scale), a.hflip, a.vflip, tuple(cfg.data.mean), tuple(cfg.data.std))
+        return cls(
+            cfg.data.image_size, tuple(a.scale), a.hflip, a.vflip, tuple(cfg.data.mean), tuple(cfg.data.std)
+        )
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         n = images.shape[0]
@@ -208,9 +226,16 @@ class CachedBatches:
     ``transform``: the batched augmentation, or None for evaluation (normalisation only).
     """
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batches: Iterable[list[int]],
-                 device: torch.device, transform: Callable[[torch.Tensor], torch.Tensor] | None,
-                 mean: Sequence[float], std: Sequence[float]) -> None:
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        batches: Iterable[list[int]],
+        device: torch.device,
+        transform: Callable[[torch.Tensor], torch.Tensor] | None,
+        mean: Sequence[float],
+        std: Sequence[float],
+    ) -> None:
         self.images, self.labels, self.batches = images, labels, batches
         self.device, self.transform, self.mean, self.std = device, transform, mean, std
 
@@ -228,8 +253,16 @@ class CachedBatches:
             yield images, self.labels[index]
 
 
-def cached_loaders(cfg: Any, kind: str, root: Path, train: Sequence[Sample], val: Sequence[Sample],
-                   sampler, device: torch.device, log: Callable[[str], None]) -> tuple[CachedBatches, CachedBatches]:
+def cached_loaders(
+    cfg: Any,
+    kind: str,
+    root: Path,
+    train: Sequence[Sample],
+    val: Sequence[Sample],
+    sampler,
+    device: torch.device,
+    log: Callable[[str], None],
+) -> tuple[CachedBatches, CachedBatches]:
     """Decode the training and validation images once; the two loaders the training loop uses."""
     import time
 
@@ -239,8 +272,10 @@ def cached_loaders(cfg: Any, kind: str, root: Path, train: Sequence[Sample], val
     train_images = decode_all(root, train, resize, resize, store)
     val_images = decode_all(root, val, resize, cfg.data.image_size, store)
     size = (train_images.numel() + val_images.numel()) / 2**30
-    log(f"data.cache: decoded {len(train)} + {len(val)} images once into {'GPU memory' if kind == 'gpu' else 'RAM'} "
-        f"({size:.2f} GiB uint8) in {time.time() - t0:.1f}s; augmentation runs per batch on {device}")
+    log(
+        f"data.cache: decoded {len(train)} + {len(val)} images once into {'GPU memory' if kind == 'gpu' else 'RAM'} "
+        f"({size:.2f} GiB uint8) in {time.time() - t0:.1f}s; augmentation runs per batch on {device}"
+    )
     train_labels = torch.tensor([s.label for s in train])
     val_labels = torch.tensor([s.label for s in val])
     chunk = cfg.data.batch_size * 2

@@ -59,8 +59,10 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
     except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
         if isinstance(e, OSError):
-            raise SemodelError(f"could not write checkpoint {path}: {e.strerror or e}; "
-                               f"the previous file (if any) is unchanged") from None
+            raise SemodelError(
+                f"could not write checkpoint {path}: {e.strerror or e}; "
+                f"the previous file (if any) is unchanged"
+            ) from None
         raise
     _fsync_dir(path.parent)
     return path
@@ -156,8 +158,10 @@ def refusal_reason(error: Exception) -> str:
     detail = next((line for line in lines if "GLOBAL" in line), None)
     detail = detail or next((line for line in lines if line.startswith("Unsupported")), None)
     detail = (detail or (lines[0] if lines else type(error).__name__)).split(" Please use ")[0]
-    return (f"it holds Python objects, not only tensors and plain data (loading it could run code): "
-            f"{detail[:200]}")
+    return (
+        f"it holds Python objects, not only tensors and plain data (loading it could run code): "
+        f"{detail[:200]}"
+    )
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -176,15 +180,23 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if "weights_only" in str(e) or "Unsupported global" in str(e):
             raise SemodelError(f"{path}: refused to load: {refusal_reason(e)}") from None
-        raise SemodelError(f"{path}: not a readable checkpoint (corrupt or truncated: {first[:200]})") from None
+        raise SemodelError(
+            f"{path}: not a readable checkpoint (corrupt or truncated: {first[:200]})"
+        ) from None
     except Exception as e:  # any other failure to read the file is about the file
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise SemodelError(f"{path}: not a readable checkpoint (corrupt or truncated: {first[:200]})") from None
+        raise SemodelError(
+            f"{path}: not a readable checkpoint (corrupt or truncated: {first[:200]})"
+        ) from None
     if not isinstance(state, dict) or not isinstance(state.get("semodel"), dict):
-        raise SemodelError(f"{path}: not a semodel checkpoint (no 'semodel' header; made by another program?)")
+        raise SemodelError(
+            f"{path}: not a semodel checkpoint (no 'semodel' header; made by another program?)"
+        )
     version = state["semodel"].get("format_version")
     if version != FORMAT_VERSION:
-        raise SemodelError(f"{path}: checkpoint format {version} is not supported (this semodel reads {FORMAT_VERSION})")
+        raise SemodelError(
+            f"{path}: checkpoint format {version} is not supported (this semodel reads {FORMAT_VERSION})"
+        )
     missing = [k for k in ("config", "classes", "preprocess", "model") if k not in state]
     if missing:
         raise SemodelError(f"{path}: incomplete semodel checkpoint (missing {', '.join(missing)})")
@@ -199,7 +211,9 @@ def model_options(config: dict[str, Any]) -> dict[str, Any]:
     return options
 
 
-def build_from_checkpoint(state: dict[str, Any], use_ema: bool = False, source: str = "checkpoint") -> nn.Module:
+def build_from_checkpoint(
+    state: dict[str, Any], use_ema: bool = False, source: str = "checkpoint"
+) -> nn.Module:
     """Rebuild the model of a loaded checkpoint, with its (or its EMA) weights, in eval mode."""
     from semodel.models import build_model, prune_attention
 

@@ -47,8 +47,12 @@ def models_cmd(
     image_size: int = typer.Option(224, help="Input size for the GFLOPs column."),
     num_classes: int = typer.Option(1000, help="Classifier size for the parameter column."),
     attention: str = typer.Option("se", help="Attention: se, eca or none."),
-    reduction: str = typer.Option("16", help="SE reduction ratio r, or 'learned' (the wide model as trained)."),
-    placement: str = typer.Option("block", help="SE-DenseNet placement: layer, block, final (comma-separated)."),
+    reduction: str = typer.Option(
+        "16", help="SE reduction ratio r, or 'learned' (the wide model as trained)."
+    ),
+    placement: str = typer.Option(
+        "block", help="SE-DenseNet placement: layer, block, final (comma-separated)."
+    ),
     variants: bool = typer.Option(
         False, "--variants", help="Compare parameter counts of every attention variant instead."
     ),
@@ -76,7 +80,9 @@ def models_cmd(
 @config_app.command("show")
 def config_show(
     config: Path = typer.Option(..., "--config", "-c", help="Experiment YAML file."),
-    overrides: list[str] = typer.Option([], "--set", "-s", help="Override a key: --set optim.lr=0.01 (repeatable)."),
+    overrides: list[str] = typer.Option(
+        [], "--set", "-s", help="Override a key: --set optim.lr=0.01 (repeatable)."
+    ),
 ) -> None:
     """Print the resolved config (defaults filled in, overrides applied) as YAML."""
     from semodel.config import dump_yaml, load_config
@@ -87,11 +93,15 @@ def config_show(
 @app.command("train")
 def train_cmd(
     config: Path | None = typer.Option(None, "--config", "-c", help="Experiment YAML file."),
-    overrides: list[str] = typer.Option([], "--set", "-s", help="Override a key: --set optim.lr=0.01 (repeatable)."),
+    overrides: list[str] = typer.Option(
+        [], "--set", "-s", help="Override a key: --set optim.lr=0.01 (repeatable)."
+    ),
     resume: Path | None = typer.Option(None, "--resume", help="Continue a run from its last.pt."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="One line per epoch, no progress bars."),
     nproc: int | None = typer.Option(
-        None, "--nproc", min=1,
+        None,
+        "--nproc",
+        min=1,
         help="Train with N processes on this machine (DistributedDataParallel through "
         "torch.distributed.run): one per GPU, or N CPU processes.",
     ),
@@ -119,8 +129,17 @@ def _launch(nproc: int, train_args: list[str]) -> int:
 
     if "RANK" in os.environ:
         raise SemodelError("--nproc starts its own processes; leave it out when torchrun starts semodel")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               "-m", "semodel", "train", *train_args]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        "semodel",
+        "train",
+        *train_args,
+    ]
     process = subprocess.Popen(command)
     interrupted = False
     while True:
@@ -134,8 +153,11 @@ def _launch(nproc: int, train_args: list[str]) -> int:
     if interrupted:
         return 130
     if code:
-        typer.echo(f"error: training with {nproc} processes failed (exit code {code}); "
-                   "the failing process's message is above", err=True)
+        typer.echo(
+            f"error: training with {nproc} processes failed (exit code {code}); "
+            "the failing process's message is above",
+            err=True,
+        )
     return code
 
 
@@ -143,7 +165,9 @@ def _launch(nproc: int, train_args: list[str]) -> int:
 def cv_cmd(
     config: Path | None = typer.Option(None, "--config", "-c", help="Experiment YAML file."),
     folds: int | None = typer.Option(None, "--folds", "-k", help="Number of folds K (default: cv.folds, 5)."),
-    overrides: list[str] = typer.Option([], "--set", "-s", help="Override a key: --set cv.weights=last (repeatable)."),
+    overrides: list[str] = typer.Option(
+        [], "--set", "-s", help="Override a key: --set cv.weights=last (repeatable)."
+    ),
     resume: Path | None = typer.Option(
         None, "--resume", help="Continue the cross-validation in this folder (runs/<name>)."
     ),
@@ -152,8 +176,9 @@ def cv_cmd(
     """K-fold cross-validation, stratified by class and grouped by data.split.group_by: one run per fold
     in runs/<name>/fold-<k>/, then cv.json and a table (mean +- std). Run it again to continue."""
     if config is None and resume is None:
-        raise SemodelError("give --config FILE (a new cross-validation, or the one it started) "
-                           "or --resume runs/<name>")
+        raise SemodelError(
+            "give --config FILE (a new cross-validation, or the one it started) or --resume runs/<name>"
+        )
     from semodel.cv import cv_from_cli
 
     cv_from_cli(config, folds, overrides, resume, quiet)
@@ -173,7 +198,9 @@ def eval_cmd(
         None, "--plot", help="Write confusion_matrix.png (and roc.png for two classes) to this folder."
     ),
     ema: bool = typer.Option(False, "--ema", help="Use the EMA weights."),
-    tta: bool = typer.Option(False, "--tta", help="Average the prediction with the horizontally flipped image."),
+    tta: bool = typer.Option(
+        False, "--tta", help="Average the prediction with the horizontally flipped image."
+    ),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
     batch_size: int = typer.Option(64, "--batch-size", "-b", help="Images per batch."),
     workers: int | None = typer.Option(None, "--workers", help="Data loader processes (default: by device)."),
@@ -192,9 +219,13 @@ def inspect_cmd(
     per_class: int = typer.Option(32, "--per-class", help="Images per class for the excitation analysis."),
     cams: int = typer.Option(4, "--cams", help="Images per class in the Grad-CAM grid (0: none)."),
     sites: str | None = typer.Option(
-        None, "--sites", help="Attention modules to analyse, comma-separated (default: the last of every stage)."
+        None,
+        "--sites",
+        help="Attention modules to analyse, comma-separated (default: the last of every stage).",
     ),
-    tensorboard: bool = typer.Option(False, "--tensorboard", help="Also write the figures to OUT/tensorboard."),
+    tensorboard: bool = typer.Option(
+        False, "--tensorboard", help="Also write the figures to OUT/tensorboard."
+    ),
     ema: bool = typer.Option(False, "--ema", help="Use the EMA weights."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
     batch_size: int = typer.Option(32, "--batch-size", "-b", help="Images per batch."),
@@ -205,16 +236,22 @@ def inspect_cmd(
     from semodel.inspection import inspect_checkpoint
 
     names = [s.strip() for s in sites.split(",") if s.strip()] if sites else None
-    inspect_checkpoint(checkpoint, data, out, per_class, cams, names, device, ema, batch_size, tensorboard, seed)
+    inspect_checkpoint(
+        checkpoint, data, out, per_class, cams, names, device, ema, batch_size, tensorboard, seed
+    )
 
 
 @app.command("predict")
 def predict_cmd(
-    images: list[str] = typer.Argument(..., help="Image files, folders (searched recursively) or glob patterns."),
+    images: list[str] = typer.Argument(
+        ..., help="Image files, folders (searched recursively) or glob patterns."
+    ),
     checkpoint: Path | None = typer.Option(
         None, "--checkpoint", "-c", help="Checkpoint to use (default: the newest best.pt under ./runs)."
     ),
-    topk: int | None = typer.Option(None, "--topk", "-k", help="Classes per image (default: min(3, classes))."),
+    topk: int | None = typer.Option(
+        None, "--topk", "-k", help="Classes per image (default: min(3, classes))."
+    ),
     fmt: str = typer.Option("table", "--format", "-f", help="table, json or csv (one row per image)."),
     batch_size: int = typer.Option(32, "--batch-size", "-b", help="Images per batch."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),

@@ -30,9 +30,13 @@ class Section(BaseModel):
 class LearnedWidthConfig(Section):
     """SE with ``reduction: learned``: start wide, gate every hidden unit, penalise open gates."""
 
-    start_reduction: float = Field(4.0, gt=0, description="every SE block starts with channels / this hidden units")
+    start_reduction: float = Field(
+        4.0, gt=0, description="every SE block starts with channels / this hidden units"
+    )
     penalty: float = Field(
-        0.05, ge=0, description="weight of the sparsity loss: the fraction of the wide SE parameters still open"
+        0.05,
+        ge=0,
+        description="weight of the sparsity loss: the fraction of the wide SE parameters still open",
     )
     gate_lr_scale: float = Field(10.0, gt=0, description="the unit gates learn at optim.lr x this")
 
@@ -99,7 +103,9 @@ class SplitConfig(Section):
     @model_validator(mode="after")
     def _fractions_leave_training_data(self) -> SplitConfig:
         if self.val + self.test >= 1:
-            raise ValueError(f"val + test = {self.val + self.test:g} leaves nothing to train on (must be < 1)")
+            raise ValueError(
+                f"val + test = {self.val + self.test:g} leaves nothing to train on (must be < 1)"
+            )
         if self.val <= 0:
             raise ValueError("val must be > 0: the monitored metric needs a validation split")
         return self
@@ -123,10 +129,14 @@ class AugmentConfig(Section):
 
 
 class DataConfig(Section):
-    root: str = Field(description="an ImageFolder: root/<class>/<image>, or root/{train,val[,test]}/<class>/...")
+    root: str = Field(
+        description="an ImageFolder: root/<class>/<image>, or root/{train,val[,test]}/<class>/..."
+    )
     synthetic: SyntheticConfig | None = None
     image_size: int = Field(224, ge=16, le=2048)
-    crop_ratio: float = Field(0.875, gt=0, le=1, description="eval: resize to image_size / crop_ratio, then crop")
+    crop_ratio: float = Field(
+        0.875, gt=0, le=1, description="eval: resize to image_size / crop_ratio, then crop"
+    )
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     batch_size: int = Field(32, ge=1)
@@ -177,7 +187,9 @@ class ScheduleConfig(Section):
 class TrainConfig(Section):
     epochs: int = Field(30, ge=1)
     device: str = Field("auto", description="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps")
-    amp: Literal["auto", "bf16", "fp16", "off"] = Field("auto", description="auto: bf16/fp16 on GPU, off on CPU")
+    amp: Literal["auto", "bf16", "fp16", "off"] = Field(
+        "auto", description="auto: bf16/fp16 on GPU, off on CPU"
+    )
     channels_last: bool = True
     compile: bool = False
     accum_steps: int = Field(1, ge=1)
@@ -264,7 +276,9 @@ def _section_keys(model: type[BaseModel], prefix: str = "") -> dict[str, list[st
 def _section_types(annotation: Any) -> list[type[BaseModel]]:
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return [annotation]
-    return [a for a in getattr(annotation, "__args__", ()) if isinstance(a, type) and issubclass(a, BaseModel)]
+    return [
+        a for a in getattr(annotation, "__args__", ()) if isinstance(a, type) and issubclass(a, BaseModel)
+    ]
 
 
 SECTION_KEYS = _section_keys(Config)
@@ -306,7 +320,9 @@ def validate(raw: dict[str, Any], source: str) -> Config:
             if key not in seen:
                 seen.add(key)
                 lines.append(line)
-        raise SemodelError("; ".join(lines[:3]) + (f" (+{len(lines) - 3} more)" if len(lines) > 3 else "")) from None
+        raise SemodelError(
+            "; ".join(lines[:3]) + (f" (+{len(lines) - 3} more)" if len(lines) > 3 else "")
+        ) from None
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
@@ -327,8 +343,10 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise SemodelError(f"{file}: the top level must be a mapping of sections (model:, data:, ...), "
-                           f"found a {type(raw).__name__}")
+        raise SemodelError(
+            f"{file}: the top level must be a mapping of sections (model:, data:, ...), "
+            f"found a {type(raw).__name__}"
+        )
     return raw
 
 

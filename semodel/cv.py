@@ -59,7 +59,10 @@ Log = Callable[[str], None]
 
 # (key in the metrics, column title) of what cv.json and the table report per fold
 METRICS = (
-    ("acc", "accuracy"), ("balanced_acc", "balanced acc"), ("f1_macro", "macro-F1"), ("auc", "ROC-AUC")
+    ("acc", "accuracy"),
+    ("balanced_acc", "balanced acc"),
+    ("f1_macro", "macro-F1"),
+    ("auc", "ROC-AUC"),
 )
 
 # Keys that say how to run, not what: they may change when a cross-validation continues.
@@ -93,8 +96,9 @@ def make_folds(samples: list[Sample], classes: list[str], k: int, seed: int, why
         if n < k:
             raise SemodelError(
                 f"class '{name}' has {n} group(s) ({why}) but {k} folds were asked for: every fold's "
-                f"test set needs each class; use --folds {n} or fewer" if n >= 2 else
-                f"class '{name}' has {n} group(s) ({why}): cross-validation needs at least 2 per class"
+                f"test set needs each class; use --folds {n} or fewer"
+                if n >= 2
+                else f"class '{name}' has {n} group(s) ({why}): cross-validation needs at least 2 per class"
             )
     rng = random.Random(seed)
     fold_of: dict[str, int] = {}
@@ -264,8 +268,13 @@ def evaluate_fold(cfg: Config, cv_dir: Path, fold: int, root: Path, test: list[S
     workers = cfg.data.num_workers if isinstance(cfg.data.num_workers, int) else None
     try:
         result = evaluate_checkpoint(
-            cv_dir / f"fold-{fold}" / file, device=cfg.train.device, batch_size=cfg.data.batch_size * 2,
-            use_ema=use_ema, workers=workers, log=lambda message: None, images=images,
+            cv_dir / f"fold-{fold}" / file,
+            device=cfg.train.device,
+            batch_size=cfg.data.batch_size * 2,
+            use_ema=use_ema,
+            workers=workers,
+            log=lambda message: None,
+            images=images,
         )
     except SemodelError as e:
         raise SemodelError(f"fold {fold}: {e}") from None
@@ -273,8 +282,15 @@ def evaluate_fold(cfg: Config, cv_dir: Path, fold: int, root: Path, test: list[S
 
 
 def run_fold(
-    cfg: Config, cv_dir: Path, fold: int, root: Path, assigned: list[tuple[int, Sample]],
-    copies: dict[str, list[Sample]] | None, classes: list[str], quiet: bool, log: Log,
+    cfg: Config,
+    cv_dir: Path,
+    fold: int,
+    root: Path,
+    assigned: list[tuple[int, Sample]],
+    copies: dict[str, list[Sample]] | None,
+    classes: list[str],
+    quiet: bool,
+    log: Log,
 ) -> dict[str, Any]:
     k, choice = cfg.cv.folds, cfg.cv.weights
     fold_dir = cv_dir / f"fold-{fold}"
@@ -285,8 +301,10 @@ def run_fold(
         if done.get("choice") == choice:
             log(f"fold {fold}/{k}: finished earlier ({result_file}); skipped")
             return done
-        log(f"fold {fold}/{k}: trained earlier; testing its {choice} weights "
-            f"(it was tested with {done.get('choice')})")
+        log(
+            f"fold {fold}/{k}: trained earlier; testing its {choice} weights "
+            f"(it was tested with {done.get('choice')})"
+        )
     elif (fold_dir / "metrics.json").exists():
         log(f"fold {fold}/{k}: trained earlier; testing it")
     else:
@@ -294,15 +312,20 @@ def run_fold(
         groups = {name: len({s.group for s in run_samples if s.split == name}) for name in ("train", "val")}
         what = "copies" if copies is not None else "images"
         state = "continuing from last.pt" if (fold_dir / "last.pt").exists() else "training"
-        log(f"fold {fold}/{k}: {state}: train {counts['train']} / val {counts['val']} {what} "
+        log(
+            f"fold {fold}/{k}: {state}: train {counts['train']} / val {counts['val']} {what} "
             f"({groups['train']} / {groups['val']} groups), test {len(test)} images "
-            f"({len({s.group for s in test})} groups) -> {fold_dir}")
+            f"({len({s.group for s in test})} groups) -> {fold_dir}"
+        )
         train_fold(cfg, cv_dir, fold, run_samples, quiet, log)
     report = evaluate_fold(cfg, cv_dir, fold, root, test)
     write_text_atomic(result_file, json.dumps(report, indent=2) + "\n")
     m = report["metrics"]
-    log(f"fold {fold}/{k} done: " + "  ".join(f"{title} {_number(m.get(key))}" for key, title in METRICS)
-        + f"  ({_weights_label(report)}, epoch {report['epoch']}, {m['n']} test images)")
+    log(
+        f"fold {fold}/{k} done: "
+        + "  ".join(f"{title} {_number(m.get(key))}" for key, title in METRICS)
+        + f"  ({_weights_label(report)}, epoch {report['epoch']}, {m['n']} test images)"
+    )
     return report
 
 
@@ -322,15 +345,17 @@ def summarize(cfg: Config, reports: list[dict[str, Any]]) -> dict[str, Any]:
     folds = []
     for r in reports:
         m = r["metrics"]
-        folds.append({
-            "fold": r["fold"],
-            "weights": r["choice"],
-            "checkpoint": r["checkpoint"],
-            "ema": r["weights"] == "ema",
-            "epoch": r["epoch"],
-            "n": m["n"],
-            **{key: m.get(key) for key, _ in METRICS},
-        })
+        folds.append(
+            {
+                "fold": r["fold"],
+                "weights": r["choice"],
+                "checkpoint": r["checkpoint"],
+                "ema": r["weights"] == "ema",
+                "epoch": r["epoch"],
+                "n": m["n"],
+                **{key: m.get(key) for key, _ in METRICS},
+            }
+        )
     mean, std = {}, {}
     for key, _ in METRICS:
         values = [f[key] for f in folds if f[key] is not None]
@@ -405,8 +430,10 @@ def find_cv_dir(cfg: Config, config_path: Path | None, log: Log) -> Path:
             if not changed:
                 return candidate
             shown = ", ".join(changed[:4]) + (f" (+{len(changed) - 4} more)" if len(changed) > 4 else "")
-            log(f"note: {candidate} holds a cross-validation with another config (differs in {shown}); "
-                "not continued")
+            log(
+                f"note: {candidate} holds a cross-validation with another config (differs in {shown}); "
+                "not continued"
+            )
         n += 1
         candidate = base / f"{name}-{n}"
     return candidate
@@ -415,8 +442,10 @@ def find_cv_dir(cfg: Config, config_path: Path | None, log: Log) -> Path:
 def check_inputs(cfg: Config) -> None:
     """What the config must allow before anything is written."""
     if cfg.cv.weights == "ema" and not cfg.train.ema:
-        raise SemodelError("cv.weights = 'ema' needs train.ema: true (EMA weights are kept only when "
-                           "training averages them); use cv.weights best or last")
+        raise SemodelError(
+            "cv.weights = 'ema' needs train.ema: true (EMA weights are kept only when "
+            "training averages them); use cv.weights best or last"
+        )
     for what, folder in (("data.root", cfg.data.root), ("cv.augmented", cfg.cv.augmented)):
         if folder is not None and has_presplit(Path(folder).expanduser()):
             raise SemodelError(
@@ -431,13 +460,17 @@ def group_note(samples: list[Sample], cfg: Config, augmented: bool) -> str | Non
     group_by = cfg.data.split.group_by
     if group_by is None:
         unit = "each image of data.root (with its augmented copies)" if augmented else "each image"
-        return (f"note: data.split.group_by is not set, so {unit} is its own group; images of one patient or "
-                "object can land in different folds (set group_by to a regex whose first group names it)")
+        return (
+            f"note: data.split.group_by is not set, so {unit} is its own group; images of one patient or "
+            "object can land in different folds (set group_by to a regex whose first group names it)"
+        )
     pattern = re.compile(group_by)
     unmatched = sum(1 for s in samples if not pattern.search(Path(s.path).name))
     if unmatched:
-        return (f"note: {unmatched} of {len(samples)} file names do not match data.split.group_by "
-                f"{group_by!r}; each of those is its own group")
+        return (
+            f"note: {unmatched} of {len(samples)} file names do not match data.split.group_by "
+            f"{group_by!r}; each of those is its own group"
+        )
     return None
 
 
@@ -451,26 +484,35 @@ def load_folds(cfg: Config, cv_dir: Path, log: Log) -> tuple[Path, list[str], li
         assigned = read_folds_csv(folds_file, data.classes, k)
         stored_k = max(f for f, _ in assigned) if assigned else 0
         if stored_k != k:
-            raise SemodelError(f"{cv_dir} was split into {stored_k} folds (folds.csv); it cannot continue "
-                               f"with {k}: start a new cross-validation (another log.name) for {k} folds")
+            raise SemodelError(
+                f"{cv_dir} was split into {stored_k} folds (folds.csv); it cannot continue "
+                f"with {k}: start a new cross-validation (another log.name) for {k} folds"
+            )
         gone = [s.path for _, s in assigned if not (root / s.path).is_file()]
         if gone:
-            log(f"warning: {len(gone)} file(s) of {folds_file} are gone from {root} (first: {gone[0]}); "
-                "they are skipped")
+            log(
+                f"warning: {len(gone)} file(s) of {folds_file} are gone from {root} (first: {gone[0]}); "
+                "they are skipped"
+            )
             assigned = [(f, s) for f, s in assigned if (root / s.path).is_file()]
         listed = {s.path for _, s in assigned} | set(gone)
         new = [s.path for s in data.samples if s.path not in listed]
         if new:
-            log(f"warning: {len(new)} image(s) of {root} are not in {folds_file} (added after the folds were "
-                f"made, first: {new[0]}); they are left out")
+            log(
+                f"warning: {len(new)} image(s) of {root} are not in {folds_file} (added after the folds were "
+                f"made, first: {new[0]}); they are left out"
+            )
         return root, data.classes, assigned, True
     data = scan_dataset(root)
     report_bad_files(data, log)
     pattern = re.compile(cfg.data.split.group_by) if cfg.data.split.group_by else None
     for s in data.samples:
         s.group = group_of(s.path, pattern)
-    why = (f"groups by data.split.group_by {cfg.data.split.group_by!r}" if pattern is not None
-           else "each image is its own group: data.split.group_by is not set")
+    why = (
+        f"groups by data.split.group_by {cfg.data.split.group_by!r}"
+        if pattern is not None
+        else "each image is its own group: data.split.group_by is not set"
+    )
     fold_of = make_folds(data.samples, data.classes, k, cfg.data.split.seed, why)
     assigned = [(fold_of[s.group], s) for s in data.samples]
     return root, data.classes, assigned, False
@@ -494,15 +536,19 @@ def cross_validate(cfg: Config, cv_dir: Path, quiet: bool = False, log: Log | No
         log(f"note: data.split.test ({cfg.data.split.test:g}) is not used: each fold is in turn the test set")
     if copies is not None:
         without = sum(1 for _, s in assigned if not copies.get(s.path))
-        log(f"augmented: {sum(len(c) for c in copies.values())} copies in {cfg.cv.augmented} of "
+        log(
+            f"augmented: {sum(len(c) for c in copies.values())} copies in {cfg.cv.augmented} of "
             f"{len(assigned) - without} of the {len(assigned)} images; the folds train and validate on the "
             "copies and test on the originals"
-            + (f" ({without} image(s) without a copy are only tested)" if without else ""))
+            + (f" ({without} image(s) without a copy are only tested)" if without else "")
+        )
     sizes = Counter(f for f, _ in assigned)
     groups = len({s.group for _, s in assigned})
     per_fold = " / ".join(str(sizes[f]) for f in range(1, k + 1))
-    log(f"cross-validation: {k} folds of {root} ({len(assigned)} images, {groups} groups; test images per "
-        f"fold {per_fold}), weights: {cfg.cv.weights} -> {cv_dir}" + (" (continuing)" if existing else ""))
+    log(
+        f"cross-validation: {k} folds of {root} ({len(assigned)} images, {groups} groups; test images per "
+        f"fold {per_fold}), weights: {cfg.cv.weights} -> {cv_dir}" + (" (continuing)" if existing else "")
+    )
     if not existing:
         cv_dir.mkdir(parents=True, exist_ok=True)
         write_folds_csv(cv_dir / "folds.csv", assigned, classes)
@@ -532,15 +578,20 @@ def resume_dir(path: Path) -> Path:
     if is_cv_dir(folder):
         return folder
     if is_cv_dir(folder.parent):
-        raise SemodelError(f"--resume {path}: that is one fold; continue the cross-validation with "
-                           f"--resume {folder.parent}")
+        raise SemodelError(
+            f"--resume {path}: that is one fold; continue the cross-validation with --resume {folder.parent}"
+        )
     if not path.exists():
         raise SemodelError(f"--resume {path}: not found")
     raise SemodelError(f"--resume {path}: not a cross-validation folder (no folds.csv and config.yaml in it)")
 
 
 def cv_from_cli(
-    config_path: Path | None, folds: int | None, overrides: list[str], resume: Path | None, quiet: bool,
+    config_path: Path | None,
+    folds: int | None,
+    overrides: list[str],
+    resume: Path | None,
+    quiet: bool,
     log: Log | None = None,
 ) -> dict[str, Any]:
     log = log or log_line
@@ -553,12 +604,16 @@ def cv_from_cli(
         cfg = config_from_dict(apply_overrides(stored.to_dict(), list(overrides)), source)
         changed = [key for key in differences(stored, cfg) if key not in CHANGEABLE]
         if changed:
-            raise SemodelError(f"--resume continues {cv_dir} as it was configured; only "
-                               f"{', '.join(CHANGEABLE)} may change (not {', '.join(changed)}); start a new "
-                               "cross-validation for that")
+            raise SemodelError(
+                f"--resume continues {cv_dir} as it was configured; only "
+                f"{', '.join(CHANGEABLE)} may change (not {', '.join(changed)}); start a new "
+                "cross-validation for that"
+            )
         if folds is not None and folds != stored.cv.folds:
-            raise SemodelError(f"--folds {folds}: {cv_dir} was split into {stored.cv.folds} folds; start a "
-                               "new cross-validation (another log.name) for another number")
+            raise SemodelError(
+                f"--folds {folds}: {cv_dir} was split into {stored.cv.folds} folds; start a "
+                "new cross-validation (another log.name) for another number"
+            )
         if config_path is not None:
             log(f"note: --resume continues with the config stored in {cv_dir}; {config_path} is not read")
     else:

@@ -196,7 +196,9 @@ def scan_dataset(root: str | Path, check: bool = True) -> Dataset:
     data = Dataset(root, classes, samples, bad)
     for label, c in enumerate(classes):
         if not any(s.label == label for s in samples):
-            raise SemodelError(f"{root}: class '{c}' has no readable image (all {len(bad)} bad files listed above)")
+            raise SemodelError(
+                f"{root}: class '{c}' has no readable image (all {len(bad)} bad files listed above)"
+            )
     return data
 
 
@@ -403,7 +405,10 @@ def train_transform(cfg: Any):
     from torchvision.transforms import v2
 
     a = cfg.data.augment
-    steps: list[Any] = [v2.ToImage(), v2.RandomResizedCrop(cfg.data.image_size, scale=tuple(a.scale), antialias=True)]
+    steps: list[Any] = [
+        v2.ToImage(),
+        v2.RandomResizedCrop(cfg.data.image_size, scale=tuple(a.scale), antialias=True),
+    ]
     if a.hflip > 0:
         steps.append(v2.RandomHorizontalFlip(a.hflip))
     if a.vflip > 0:

@@ -49,8 +49,10 @@ def init(device_name: str) -> World:
     if use_cuda:
         gpus = torch.cuda.device_count()
         if local_rank >= gpus:
-            raise SemodelError(f"process {local_rank} on this machine has no GPU of its own "
-                               f"({gpus} visible): start at most one process per GPU")
+            raise SemodelError(
+                f"process {local_rank} on this machine has no GPU of its own "
+                f"({gpus} visible): start at most one process per GPU"
+            )
         torch.cuda.set_device(local_rank)
     dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timedelta(minutes=30))
     return World(dist.get_rank(), local_rank, dist.get_world_size())

@@ -29,8 +29,8 @@ import torch
 from torch import nn
 
 from semodel.data import Sample
-from semodel.models.attention import format_widths
 from semodel.errors import SemodelError
+from semodel.models.attention import format_widths
 
 _STAGE = re.compile(r"^(layer\d+|denseblock\d+)$")
 
@@ -72,7 +72,9 @@ def choose_sites(sites: dict[str, nn.Module], requested: list[str] | None) -> li
     unknown = [s for s in requested if s not in sites]
     if unknown:
         available = ", ".join(sites) if len(sites) <= 20 else ", ".join([*list(sites)[:20], "..."])
-        raise SemodelError(f"--sites: no attention module {unknown[0]!r} in this model; available: {available}")
+        raise SemodelError(
+            f"--sites: no attention module {unknown[0]!r} in this model; available: {available}"
+        )
     return list(requested)
 
 
@@ -96,7 +98,9 @@ def spread(means: torch.Tensor) -> float:
     return float((means.amax(0) - means.amin(0)).mean())
 
 
-def site_stats(name: str, weights: torch.Tensor, labels: torch.Tensor, num_classes: int, seed: int = 0) -> SiteStats:
+def site_stats(
+    name: str, weights: torch.Tensor, labels: torch.Tensor, num_classes: int, seed: int = 0
+) -> SiteStats:
     """Per-class means of the excitation ``weights`` (N x C) and the two spreads."""
     channels = weights.shape[1]
     means = torch.full((num_classes, channels), float("nan"))
@@ -233,10 +237,22 @@ def gradcam_figure(cells: list[list[dict[str, Any]]], classes: list[str]):
             cell = row[c]
             ax.imshow(cell["overlay"])
             right = cell["predicted"] == cell["true"]
-            ax.set_title(f"{cell['predicted']} {cell['prob']:.2f}", fontsize=8, color="green" if right else "red")
-        axes[r, 0].text(-0.08, 0.5, classes[r], transform=axes[r, 0].transAxes, rotation=90,
-                        ha="right", va="center", fontsize=9)
-    fig.suptitle("Grad-CAM of the predicted class (rows: true class; title: predicted, probability)", fontsize=9)
+            ax.set_title(
+                f"{cell['predicted']} {cell['prob']:.2f}", fontsize=8, color="green" if right else "red"
+            )
+        axes[r, 0].text(
+            -0.08,
+            0.5,
+            classes[r],
+            transform=axes[r, 0].transAxes,
+            rotation=90,
+            ha="right",
+            va="center",
+            fontsize=9,
+        )
+    fig.suptitle(
+        "Grad-CAM of the predicted class (rows: true class; title: predicted, probability)", fontsize=9
+    )
     fig.tight_layout()
     return fig
 
@@ -254,7 +270,9 @@ def sample_per_class(samples: list[Sample], num_classes: int, n: int, seed: int)
     return chosen
 
 
-def gradcam_cells(model, state, root: Path, samples: list[Sample], classes, per_class: int, device) -> list[list[dict]]:
+def gradcam_cells(
+    model, state, root: Path, samples: list[Sample], classes, per_class: int, device
+) -> list[list[dict]]:
     from semodel.gradcam import grad_cam, overlay
     from semodel.predict import preprocess_image, read_image
 
@@ -272,13 +290,15 @@ def gradcam_cells(model, state, root: Path, samples: list[Sample], classes, per_
             x = preprocess_image(image, preprocess)[None].to(device)
             logits, cams, target = grad_cam(model, x)
             prob = float(torch.softmax(logits.float(), 1)[0, target[0]])
-            row.append({
-                "path": s.path,
-                "true": classes[c],
-                "predicted": classes[int(target[0])],
-                "prob": prob,
-                "overlay": overlay(image, cams[0].cpu(), preprocess),
-            })
+            row.append(
+                {
+                    "path": s.path,
+                    "true": classes[c],
+                    "predicted": classes[int(target[0])],
+                    "prob": prob,
+                    "overlay": overlay(image, cams[0].cpu(), preprocess),
+                }
+            )
         rows.append(row)
     return rows
 
@@ -325,12 +345,17 @@ def inspect_checkpoint(
     all_sites = attention_sites(model)
     names = choose_sites(all_sites, sites)
     counts = [sum(s.label == c for s in chosen) for c in range(len(classes))]
-    log(f"{checkpoint}: {state['config']['model']['name']} (attention {state['config']['model']['attention']}), "
+    log(
+        f"{checkpoint}: {state['config']['model']['name']} (attention {state['config']['model']['attention']}), "
         f"{len(all_sites)} attention modules; images: {', '.join(f'{n} {c}' for n, c in zip(counts, classes, strict=True))} "
-        f"from {images.root}")
+        f"from {images.root}"
+    )
     loader = DataLoader(
         ImageList(images.root, chosen, eval_transform(state["preprocess"])),
-        batch_size=batch_size, shuffle=False, num_workers=0, collate_fn=collate_skip_bad,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=0,
+        collate_fn=collate_skip_bad,
     )
     excitations, labels, logits = collect_excitations(model, all_sites, names, loader, dev)
     stats = [site_stats(n, excitations[n], labels, len(classes), seed) for n in names]
@@ -365,7 +390,9 @@ def inspect_checkpoint(
         "model": state["config"]["model"],
         "weights": "ema" if use_ema else "model",
         "data": str(images.root),
-        "images_per_class": dict(zip(classes, [int((labels == c).sum()) for c in range(len(classes))], strict=True)),
+        "images_per_class": dict(
+            zip(classes, [int((labels == c).sum()) for c in range(len(classes))], strict=True)
+        ),
         "accuracy_on_sample": accuracy,
         "sites": [
             {
@@ -375,7 +402,9 @@ def inspect_checkpoint(
                 "class_spread": _number(s.class_spread),
                 "noise_spread": _number(s.noise_spread),
                 "class_means": {
-                    c: None if s.class_means[i].isnan().any() else [round(v, 5) for v in s.class_means[i].tolist()]
+                    c: None
+                    if s.class_means[i].isnan().any()
+                    else [round(v, 5) for v in s.class_means[i].tolist()]
                     for i, c in enumerate(classes)
                 },
             }
@@ -387,8 +416,11 @@ def inspect_checkpoint(
     write_text_atomic(out / "inspect.json", json.dumps(result, indent=2, allow_nan=False) + "\n")
     for line in format_summary(stats, widths, accuracy):
         log(line)
-    log("wrote " + ", ".join(str(p) for p in [*written, out / "inspect.json"])
-        + (f"; TensorBoard: {out / 'tensorboard'}" if writer is not None else ""))
+    log(
+        "wrote "
+        + ", ".join(str(p) for p in [*written, out / "inspect.json"])
+        + (f"; TensorBoard: {out / 'tensorboard'}" if writer is not None else "")
+    )
     return result
 
 
@@ -398,18 +430,32 @@ def _number(value: float) -> float | None:
 
 
 def format_summary(stats: list[SiteStats], widths: dict[str, dict[str, int]], accuracy: float) -> list[str]:
-    lines = [f"accuracy on the sampled images: {accuracy:.1%} (not a test figure if --data holds training images)"]
+    lines = [
+        f"accuracy on the sampled images: {accuracy:.1%} (not a test figure if --data holds training images)"
+    ]
     if stats:
         header = ["attention module", "channels", "mean weight", "class spread", "noise"]
-        rows = [[s.name, str(s.channels), f"{s.mean_weight:.3f}", f"{s.class_spread:.3f}", f"{s.noise_spread:.3f}"]
-                for s in stats]
+        rows = [
+            [
+                s.name,
+                str(s.channels),
+                f"{s.mean_weight:.3f}",
+                f"{s.class_spread:.3f}",
+                f"{s.noise_spread:.3f}",
+            ]
+            for s in stats
+        ]
         width = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
         fmt = "  ".join(f"{{:<{w}}}" if i == 0 else f"{{:>{w}}}" for i, w in enumerate(width))
         lines += [fmt.format(*header), *(fmt.format(*r) for r in rows)]
-        lines.append("(class spread: mean over channels of max - min of the per-class mean weights; "
-                     "noise: the same between two random halves of a class)")
+        lines.append(
+            "(class spread: mean over channels of max - min of the per-class mean weights; "
+            "noise: the same between two random halves of a class)"
+        )
     if widths:
         kept = sum(w["width"] for w in widths.values())
         start = sum(w["start"] for w in widths.values())
-        lines.append(f"learned SE widths: {kept} of {start} hidden units kept; per block: {format_widths(widths)}")
+        lines.append(
+            f"learned SE widths: {kept} of {start} hidden units kept; per block: {format_widths(widths)}"
+        )
     return lines

@@ -45,7 +45,9 @@ def _render(kind: str, size: int, rng: np.random.Generator) -> np.ndarray:
     return img.clip(0, 255).astype(np.uint8)
 
 
-def make_synthetic(root: str | Path, classes: int = 3, per_class: int = 100, size: int = 64, seed: int = 0) -> Path:
+def make_synthetic(
+    root: str | Path, classes: int = 3, per_class: int = 100, size: int = 64, seed: int = 0
+) -> Path:
     """Write ``root/<class>/<class>_<i>.jpg``; the folder appears complete or not at all."""
     root = Path(root)
     root.parent.mkdir(parents=True, exist_ok=True)

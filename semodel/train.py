@@ -110,7 +110,9 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
-def param_groups(model: nn.Module, weight_decay: float, lr: float, gate_lr_scale: float = 1.0) -> list[dict[str, Any]]:
+def param_groups(
+    model: nn.Module, weight_decay: float, lr: float, gate_lr_scale: float = 1.0
+) -> list[dict[str, Any]]:
     """No weight decay on norm weights and biases (1-D tensors): decaying them only hurts.
 
     The unit gates of learned-width SE blocks get their own group, without decay and with
@@ -178,9 +180,22 @@ class EpochBatchSampler(Sampler[list[int]]):
     """
 
     def __init__(
-        self, n: int, batch_size: int, seed: int, rank: int = 0, world: int = 1, weights: torch.Tensor | None = None
+        self,
+        n: int,
+        batch_size: int,
+        seed: int,
+        rank: int = 0,
+        world: int = 1,
+        weights: torch.Tensor | None = None,
     ) -> None:
-        self.n, self.batch_size, self.seed, self.rank, self.world, self.weights = n, batch_size, seed, rank, world, weights
+        self.n, self.batch_size, self.seed, self.rank, self.world, self.weights = (
+            n,
+            batch_size,
+            seed,
+            rank,
+            world,
+            weights,
+        )
         self.epoch, self.start = 0, 0
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
@@ -221,8 +236,10 @@ class Interrupt:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        print("\ninterrupt: finishing the current step, then saving last.pt (Ctrl-C again to abort)",
-              file=sys.stderr)
+        print(
+            "\ninterrupt: finishing the current step, then saving last.pt (Ctrl-C again to abort)",
+            file=sys.stderr,
+        )
 
     def __exit__(self, *exc) -> None:
         if self._previous is not None:
@@ -282,7 +299,9 @@ class Logger:
         if self.writer:
             from torchvision.utils import make_grid
 
-            images = images[:32].float().cpu() * torch.tensor(std).view(1, 3, 1, 1) + torch.tensor(mean).view(1, 3, 1, 1)
+            images = images[:32].float().cpu() * torch.tensor(std).view(1, 3, 1, 1) + torch.tensor(mean).view(
+                1, 3, 1, 1
+            )
             self.writer.add_image("train/augmented_samples", make_grid(images.clamp(0, 1), nrow=8), 0)
 
     def hparams(self, hparams: dict[str, Any], metrics: dict[str, float]) -> None:
@@ -364,8 +383,10 @@ def fit(
         if not str(e).startswith("DataLoader worker (pid"):
             raise
         reason = str(e).strip().splitlines()[0][:200]
-        raise SemodelError(f"a data loader worker process died ({reason}); out of memory? try a lower "
-                           f"data.num_workers or data.batch_size; {resume_note(where)}") from None
+        raise SemodelError(
+            f"a data loader worker process died ({reason}); out of memory? try a lower "
+            f"data.num_workers or data.batch_size; {resume_note(where)}"
+        ) from None
     finally:
         distributed.shutdown(world)
 
@@ -378,8 +399,19 @@ def resume_note(where: dict[str, Any]) -> str:
     return f"{run_dir / 'last.pt'} is kept; resume with: {where['resume_hint']}"
 
 
-def _fit(cfg, config_path, resume, resumed, quiet, log, on_finish, world: distributed.World, t_start: float,
-         where: dict[str, Any], split: list[Sample] | None = None) -> Path:
+def _fit(
+    cfg,
+    config_path,
+    resume,
+    resumed,
+    quiet,
+    log,
+    on_finish,
+    world: distributed.World,
+    t_start: float,
+    where: dict[str, Any],
+    split: list[Sample] | None = None,
+) -> Path:
     if resume and resumed is None:
         resumed = load_checkpoint(resume)
     show_bars = not quiet and sys.stderr.isatty()
@@ -401,8 +433,14 @@ def _fit(cfg, config_path, resume, resumed, quiet, log, on_finish, world: distri
         if stale:
             log(f"removed {stale} unfinished checkpoint temp file(s) from {run_dir}")
         try:
-            data = prepare_dataset(cfg, run_dir, resume=resumed is not None, log=log,
-                                   classes=list(resumed["classes"]) if resumed else None, split=split)
+            data = prepare_dataset(
+                cfg,
+                run_dir,
+                resume=resumed is not None,
+                log=log,
+                classes=list(resumed["classes"]) if resumed else None,
+                split=split,
+            )
         except SemodelError:
             if not resume:
                 discard_new_run(run_dir)
@@ -415,7 +453,9 @@ def _fit(cfg, config_path, resume, resumed, quiet, log, on_finish, world: distri
     counts = torch.tensor(data.counts("train"), dtype=torch.float)
     if cfg.data.balance == "sampler":
         weights = (1.0 / counts)[torch.tensor([label for _, label in train_set.items])]
-    sampler = EpochBatchSampler(len(train_set), cfg.data.batch_size, cfg.train.seed, world.rank, world.size, weights)
+    sampler = EpochBatchSampler(
+        len(train_set), cfg.data.batch_size, cfg.train.seed, world.rank, world.size, weights
+    )
     loader_kw: dict[str, Any] = dict(
         num_workers=workers,
         pin_memory=device.type == "cuda",
@@ -428,14 +468,18 @@ def _fit(cfg, config_path, resume, resumed, quiet, log, on_finish, world: distri
     # Each rank evaluates every W-th validation image; predictions are gathered before metrics,
     # so that they cover every validation image exactly once.
     if len(data.split("val")) < world.size:
-        raise SemodelError(f"{len(data.split('val'))} validation images for {world.size} processes: "
-                           "each process needs at least one; use fewer processes or a larger data.split.val")
+        raise SemodelError(
+            f"{len(data.split('val'))} validation images for {world.size} processes: "
+            "each process needs at least one; use fewer processes or a larger data.split.val"
+        )
     val_samples = data.split("val")[world.rank :: world.size]
     cache, cache_why = choose_cache(cfg, device, len(train_set), len(val_samples))
     if cache == "none":
         train_loader = DataLoader(train_set, batch_sampler=sampler, **loader_kw)
         val_loader = DataLoader(
-            ImageList(data.root, val_samples, eval_transform(preprocess)), cfg.data.batch_size * 2, **loader_kw
+            ImageList(data.root, val_samples, eval_transform(preprocess)),
+            cfg.data.batch_size * 2,
+            **loader_kw,
         )
     log(
         f"data: {data.root}  classes: {', '.join(data.classes)}  "
@@ -453,7 +497,10 @@ def _fit(cfg, config_path, resume, resumed, quiet, log, on_finish, world: distri
     options = model_options(cfg.to_dict())
     try:
         model = build_model(
-            options.pop("name"), num_classes=len(data.classes), pretrained=None if resumed else m.pretrained, **options
+            options.pop("name"),
+            num_classes=len(data.classes),
+            pretrained=None if resumed else m.pretrained,
+            **options,
         )
     except SemodelError:  # e.g. model.pretrained names a missing file or cannot be downloaded
         if world.is_main and not resume:
@@ -478,10 +525,12 @@ def _fit(cfg, config_path, resume, resumed, quiet, log, on_finish, world: distri
     if gated and m.learned.penalty > 0 and cfg.optim.name == "adamw":
         travel = gate_travel(cfg, steps_per_epoch)
         if travel < 2:  # gates start at 1: they could barely reach 0 by the last step
-            log(f"note: reduction: learned: in {cfg.train.epochs * steps_per_epoch} optimizer steps a gate can "
+            log(
+                f"note: reduction: learned: in {cfg.train.epochs * steps_per_epoch} optimizer steps a gate can "
                 f"move by about {travel:.1f} in all and starts at 1, so few units can close; raise "
                 f"model.learned.gate_lr_scale (e.g. to {math.ceil(3 * m.learned.gate_lr_scale / travel)}) "
-                "or train for more steps")
+                "or train for more steps"
+            )
     if gated and m.learned.penalty > 0:
 
         def penalty() -> torch.Tensor:
@@ -520,14 +569,18 @@ def _fit(cfg, config_path, resume, resumed, quiet, log, on_finish, world: distri
     elif world.distributed:
         torch.manual_seed(cfg.train.seed + world.rank)  # each rank its own augmentation stream
     attention = m.attention + (" learned width" if m.attention == "se" and m.reduction == "learned" else "")
-    log(f"model: {m.name} (attention {attention})  device: {device}  amp: {dtype or 'off'}  "
-        f"params: {sum(p.numel() for p in model.parameters()):,}")
+    log(
+        f"model: {m.name} (attention {attention})  device: {device}  amp: {dtype or 'off'}  "
+        f"params: {sum(p.numel() for p in model.parameters()):,}"
+    )
 
     train_model: nn.Module = torch.compile(model) if cfg.train.compile else model
     if world.distributed:
         from torch.nn.parallel import DistributedDataParallel
 
-        train_model = DistributedDataParallel(train_model, device_ids=[device.index] if device.type == "cuda" else None)
+        train_model = DistributedDataParallel(
+            train_model, device_ids=[device.index] if device.type == "cuda" else None
+        )
     monitor_key, higher_better = MONITORS[cfg.train.monitor]
     logger = Logger(run_dir, cfg.log.tensorboard and world.is_main, state.epoch + 1 if resumed else None)
     config_dict = cfg.to_dict()
@@ -556,7 +609,9 @@ def _fit(cfg, config_path, resume, resumed, quiet, log, on_finish, world: distri
             "run_dir": str(run_dir),
         }
 
-    resume_hint = f"semodel train --resume {run_dir / 'last.pt'}" + (f" --nproc {world.size}" if world.distributed else "")
+    resume_hint = f"semodel train --resume {run_dir / 'last.pt'}" + (
+        f" --nproc {world.size}" if world.distributed else ""
+    )
     where.update(run_dir=run_dir, resume_hint=resume_hint)
 
     def save(ckpt: dict[str, Any], name: str) -> None:
@@ -572,8 +627,25 @@ def _fit(cfg, config_path, resume, resumed, quiet, log, on_finish, world: distri
             sampler.set_epoch(epoch, state.step_in_epoch)
             t0 = time.time()
             train_stats = train_one_epoch(
-                train_model, ema, train_loader, optimizer, scheduler, scaler, device, dtype, cfg, mix,
-                class_weights, state, interrupt, logger, show_bars, epoch, resumed is None, world, penalty,
+                train_model,
+                ema,
+                train_loader,
+                optimizer,
+                scheduler,
+                scaler,
+                device,
+                dtype,
+                cfg,
+                mix,
+                class_weights,
+                state,
+                interrupt,
+                logger,
+                show_bars,
+                epoch,
+                resumed is None,
+                world,
+                penalty,
             )
             if interrupt.requested:
                 ckpt = checkpoint(None)
@@ -587,7 +659,9 @@ def _fit(cfg, config_path, resume, resumed, quiet, log, on_finish, world: distri
             if ema is not None:
                 distributed.broadcast_buffers(ema.module, world)
             eval_model = ema.module if ema is not None else model
-            probs, targets, val_loss = predict_probs(eval_model, val_loader, device, dtype, cfg.train.channels_last)
+            probs, targets, val_loss = predict_probs(
+                eval_model, val_loader, device, dtype, cfg.train.channels_last
+            )
             if world.distributed:
                 parts = distributed.gather_objects((probs, targets, val_loss * len(targets)), world)
                 probs = torch.cat([p for p, _, _ in parts])
@@ -600,7 +674,9 @@ def _fit(cfg, config_path, resume, resumed, quiet, log, on_finish, world: distri
             state.epoch, state.step_in_epoch = epoch, 0
 
             value = metrics[monitor_key]
-            improved = state.best_value is None or (value > state.best_value if higher_better else value < state.best_value)
+            improved = state.best_value is None or (
+                value > state.best_value if higher_better else value < state.best_value
+            )
             if improved:
                 state.best_value, state.best_epoch, state.stale_epochs = value, epoch, 0
             else:
@@ -650,13 +726,28 @@ def _fit(cfg, config_path, resume, resumed, quiet, log, on_finish, world: distri
         on_finish(model)
     distributed.barrier(world)
     if world.is_main:
-        finish_run(cfg, run_dir, data, model, ema is not None, state, history, device, dtype, loader_kw,
-                   logger, log, t_start)
+        finish_run(
+            cfg,
+            run_dir,
+            data,
+            model,
+            ema is not None,
+            state,
+            history,
+            device,
+            dtype,
+            loader_kw,
+            logger,
+            log,
+            t_start,
+        )
     logger.close()
     return run_dir
 
 
-def finish_run(cfg, run_dir, data, model, use_ema, state, history, device, dtype, loader_kw, logger, log, t_start):
+def finish_run(
+    cfg, run_dir, data, model, use_ema, state, history, device, dtype, loader_kw, logger, log, t_start
+):
     """Test the best weights on the held-out split (if any); write metrics.json and hparams."""
     result: dict[str, Any] = {
         "best": {"metric": cfg.train.monitor, "value": state.best_value, "epoch": state.best_epoch},
@@ -677,8 +768,10 @@ def finish_run(cfg, run_dir, data, model, use_ema, state, history, device, dtype
         result["learned_widths"] = widths
         result["params"] = {"trained": params, "pruned": pruned}
         log(f"learned SE widths (best weights, hidden units kept of started): {format_widths(widths)}")
-        log(f"pruned the closed SE units: {params:,} -> {pruned:,} parameters "
-            f"(SE hidden units {sum(w['width'] for w in widths.values())} of {sum(w['start'] for w in widths.values())})")
+        log(
+            f"pruned the closed SE units: {params:,} -> {pruned:,} parameters "
+            f"(SE hidden units {sum(w['width'] for w in widths.values())} of {sum(w['start'] for w in widths.values())})"
+        )
     if data.split("test"):
         test_loader = DataLoader(
             ImageList(data.root, data.split("test"), eval_transform(best["preprocess"])),
@@ -689,13 +782,19 @@ def finish_run(cfg, run_dir, data, model, use_ema, state, history, device, dtype
         test = classification_metrics(probs, targets, data.classes)
         test["loss"] = test_loss
         result["test"] = test
-        log(f"test (best epoch {state.best_epoch}): acc {test['acc']:.1%}  balanced acc {test['balanced_acc']:.1%}  "
-            f"f1 {test['f1_macro']:.3f}  n={test['n']}")
+        log(
+            f"test (best epoch {state.best_epoch}): acc {test['acc']:.1%}  balanced acc {test['balanced_acc']:.1%}  "
+            f"f1 {test['f1_macro']:.3f}  n={test['n']}"
+        )
     write_text_atomic(run_dir / "metrics.json", json.dumps(result, indent=2) + "\n")
-    final = {f"hparam/{k}": v for k, v in (result.get("test") or result["val"]).items() if isinstance(v, float)}
+    final = {
+        f"hparam/{k}": v for k, v in (result.get("test") or result["val"]).items() if isinstance(v, float)
+    }
     logger.hparams(flat_hparams(cfg.to_dict()), final)
-    log(f"done in {result['wall_time_s']:.0f}s: {run_dir}  (best {cfg.train.monitor} {state.best_value:.4f} "
-        f"at epoch {state.best_epoch}; checkpoints best.pt, last.pt)")
+    log(
+        f"done in {result['wall_time_s']:.0f}s: {run_dir}  (best {cfg.train.monitor} {state.best_value:.4f} "
+        f"at epoch {state.best_epoch}; checkpoints best.pt, last.pt)"
+    )
 
 
 def open_fraction(widths: dict[str, dict[str, int]]) -> float:
@@ -726,9 +825,25 @@ def make_mixer(cfg: Config, num_classes: int):
 
 
 def train_one_epoch(
-    model, ema, loader, optimizer, scheduler, scaler, device, dtype, cfg: Config, mix, class_weights,
-    state: RunState, interrupt: Interrupt, logger: Logger, show_bars: bool, epoch: int, first_run: bool,
-    world: distributed.World = distributed.World(), penalty: Callable[[], torch.Tensor] | None = None,
+    model,
+    ema,
+    loader,
+    optimizer,
+    scheduler,
+    scaler,
+    device,
+    dtype,
+    cfg: Config,
+    mix,
+    class_weights,
+    state: RunState,
+    interrupt: Interrupt,
+    logger: Logger,
+    show_bars: bool,
+    epoch: int,
+    first_run: bool,
+    world: distributed.World = distributed.World(),
+    penalty: Callable[[], torch.Tensor] | None = None,
 ) -> dict[str, float]:
     from tqdm import tqdm
 
@@ -736,7 +851,13 @@ def train_one_epoch(
     accum = cfg.train.accum_steps
     loss_sum, correct, seen = 0.0, 0, 0
     t0 = time.time()
-    bar = tqdm(loader, desc=f"epoch {epoch}/{cfg.train.epochs}", leave=False, disable=not show_bars, dynamic_ncols=True)
+    bar = tqdm(
+        loader,
+        desc=f"epoch {epoch}/{cfg.train.epochs}",
+        leave=False,
+        disable=not show_bars,
+        dynamic_ncols=True,
+    )
     optimizer.zero_grad(set_to_none=True)
     pending = 0
     last_batch = len(loader) - 1
@@ -761,8 +882,14 @@ def train_one_epoch(
                 logits.float(), labels, weight=class_weights, label_smoothing=cfg.train.label_smoothing
             )
             if not torch.isfinite(loss):
-                raise SemodelError(diverged(f"loss became {loss.item()} in epoch {epoch}, step {state.step_in_epoch + 1}", state))
-            total = loss + penalty() if penalty is not None else loss  # the sparsity loss of learned SE widths
+                raise SemodelError(
+                    diverged(
+                        f"loss became {loss.item()} in epoch {epoch}, step {state.step_in_epoch + 1}", state
+                    )
+                )
+            total = (
+                loss + penalty() if penalty is not None else loss
+            )  # the sparsity loss of learned SE widths
             scaler.scale(total / accum).backward()
         pending += 1
         state.step_in_epoch += 1
@@ -775,8 +902,12 @@ def train_one_epoch(
         correct += (logits.argmax(1) == hard_labels).sum().item()
         seen += n
         if show_bars:
-            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.1%}",
-                            lr=f"{optimizer.param_groups[0]['lr']:.1e}", ips=f"{seen / (time.time() - t0):.0f}")
+            bar.set_postfix(
+                loss=f"{loss_sum / seen:.3f}",
+                acc=f"{correct / seen:.1%}",
+                lr=f"{optimizer.param_groups[0]['lr']:.1e}",
+                ips=f"{seen / (time.time() - t0):.0f}",
+            )
         if pending == 0 and distributed.any_rank(interrupt.requested, world):
             interrupt.requested = True  # every rank stops after the same step
             break
@@ -811,10 +942,14 @@ def train_from_cli(config_path: Path | None, overrides: list[str], resume: Path 
         if "progress" not in state or "optimizer" not in state:
             raise SemodelError(f"{resume}: has no training state to resume from")
         raw = apply_overrides(state["config"], overrides)
-        cfg = config_from_dict(raw, f"{resume} (with --set {' '.join(overrides)})" if overrides else str(resume))
+        cfg = config_from_dict(
+            raw, f"{resume} (with --set {' '.join(overrides)})" if overrides else str(resume)
+        )
         if config_path is not None and os.environ.get("RANK", "0") == "0":
-            print(f"note: --resume continues with the config stored in {resume}; {config_path} is not read",
-                  file=sys.stderr)
+            print(
+                f"note: --resume continues with the config stored in {resume}; {config_path} is not read",
+                file=sys.stderr,
+            )
         return fit(cfg, None, resume, quiet, resumed=state)
     cfg = load_config(config_path, overrides)
     return fit(cfg, config_path, None, quiet)

@@ -49,7 +49,8 @@ def make_folder(root: Path, classes: list[str] = CLASSES, per_class: int = 4, se
 
 
 def write_split(run_dir: Path, root: Path, splits: dict[str, str]) -> Path:
-    """``split.csv`` for the images under ``root``: ``splits`` maps a file name to its split (default train)."""
+    """``split.csv`` for the images under ``root``: ``splits`` maps a file name to its split
+    (default train)."""
     rows = []
     for path in sorted(root.rglob("*.jpg")):
         rel = path.relative_to(root).as_posix()
@@ -63,7 +64,8 @@ def write_split(run_dir: Path, root: Path, splits: dict[str, str]) -> Path:
 
 
 def fit_head(model: torch.nn.Module, images: dict[Path, int], preprocess: dict[str, Any]) -> None:
-    """Set the classifier so that each image in ``images`` gets its given class (by a logit margin of at least 2).
+    """Set the classifier so that each image in ``images`` gets its given class (by a logit
+    margin of at least 2).
 
     A least-squares fit of the linear head on the pooled features: with more features (512) than
     images the fit is exact, so the tests know every prediction in advance, wrong ones included.
@@ -109,7 +111,10 @@ def make_checkpoint(
     ``ema_fit`` adds EMA weights fitted the same way (to other labels, so the two differ).
     """
     cfg = validate(
-        {"data": {"root": str(data_root), "image_size": image_size}, "model": {"name": "se_resnet18", "stem": "cifar"}},
+        {
+            "data": {"root": str(data_root), "image_size": image_size},
+            "model": {"name": "se_resnet18", "stem": "cifar"},
+        },
         "test",
     )
     preprocess = preprocess_of(cfg)
@@ -158,7 +163,9 @@ def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
     return code, out, err
 
 
-def run_subprocess(args: list[str], cwd: Path | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+def run_subprocess(
+    args: list[str], cwd: Path | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess:
     """Run ``python -m semodel ARGS`` for real (exit code and stderr as a user sees them)."""
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     return subprocess.run(

@@ -91,7 +91,9 @@ def test_pruned_block_gives_the_same_output_with_fewer_parameters(bias):
     pruned = block.pruned()
     assert isinstance(pruned, SqueezeExcite) and not isinstance(pruned, LearnedWidthSE)
     assert pruned.hidden == int((gates > 0).sum())
-    assert n_params(pruned) == n_params(block) - block.unit_cost * int((gates <= 0).sum()) - int((gates > 0).sum())
+    assert n_params(pruned) == n_params(block) - block.unit_cost * int((gates <= 0).sum()) - int(
+        (gates > 0).sum()
+    )
     x = torch.randn(5, 64, 6, 6)
     torch.testing.assert_close(pruned(x), block(x), rtol=1e-5, atol=1e-6)
 
@@ -122,7 +124,9 @@ def test_sparsity_loss_is_the_open_share_of_the_learned_parameters():
     assert sparsity_loss(model).item() == pytest.approx(1 - half * (2 * first.channels + 2) / total)
     # The gradient of each open gate is its unit's cost over the total cost.
     sparsity_loss(model).backward()
-    torch.testing.assert_close(blocks[-1].unit_gate.grad, torch.full((blocks[-1].hidden,), (2 * 512 + 2) / total))
+    torch.testing.assert_close(
+        blocks[-1].unit_gate.grad, torch.full((blocks[-1].hidden,), (2 * 512 + 2) / total)
+    )
 
 
 @pytest.mark.parametrize(
@@ -198,8 +202,16 @@ def test_eca_rejects_an_even_kernel():
 # ----------------------------------------------------------------------------- in every model
 
 
-ALL_MODELS = ["se_resnet18", "se_resnet34", "se_resnet50", "se_resnet101", "se_resnet152",
-              "se_densenet121", "se_densenet169", "se_densenet201"]
+ALL_MODELS = [
+    "se_resnet18",
+    "se_resnet34",
+    "se_resnet50",
+    "se_resnet101",
+    "se_resnet152",
+    "se_densenet121",
+    "se_densenet169",
+    "se_densenet201",
+]
 PLACEMENTS = ["layer", "block", "final", ["layer", "block"]]
 
 
@@ -305,7 +317,9 @@ def learned_run(tmp_path_factory):
     base = tmp_path_factory.mktemp("learned")
     root = make_folder(base / "data", ["cat", "dog"], per_class=8)
     raw = tiny_config(
-        root, base / "runs", "lw",
+        root,
+        base / "runs",
+        "lw",
         model={"reduction": "learned", "learned": {"penalty": 1.0, "gate_lr_scale": 30}},
         data={"batch_size": 6},
         optim={"name": "adamw", "lr": 0.01, "weight_decay": 0.05},
@@ -316,13 +330,19 @@ def learned_run(tmp_path_factory):
 
 
 def gated_widths(state_dict):
-    return {k.removesuffix(".unit_gate"): int((v > 0).sum()) for k, v in state_dict.items() if k.endswith("unit_gate")}
+    return {
+        k.removesuffix(".unit_gate"): int((v > 0).sum())
+        for k, v in state_dict.items()
+        if k.endswith("unit_gate")
+    }
 
 
 def test_training_closes_gates_and_reports_the_learned_widths(learned_run):
     run_dir, _ = learned_run
     best, last = load_ckpt(run_dir / "best.pt"), load_ckpt(run_dir / "last.pt")
-    start = {k.removesuffix(".unit_gate"): v.numel() for k, v in best["model"].items() if k.endswith("unit_gate")}
+    start = {
+        k.removesuffix(".unit_gate"): v.numel() for k, v in best["model"].items() if k.endswith("unit_gate")
+    }
     assert len(start) == 8
     assert sum(gated_widths(last["model"]).values()) < sum(start.values())  # the penalty closed units
     widths = gated_widths(best["model"])  # metrics.json reports the weights best.pt holds
@@ -356,7 +376,9 @@ def test_loaded_checkpoint_is_pruned_and_predicts_like_the_gated_model(learned_r
 
 def test_learned_run_resumes(learned_run, capsys):
     run_dir, _ = learned_run
-    code, out, err = run_cli(["train", "--resume", run_dir / "last.pt", "--set", "train.epochs=5", "--quiet"], capsys)
+    code, out, err = run_cli(
+        ["train", "--resume", run_dir / "last.pt", "--set", "train.epochs=5", "--quiet"], capsys
+    )
     assert code == 0, err
     assert "learned SE widths" in out and "pruned the closed SE units" in out
     last = load_ckpt(run_dir / "last.pt")
@@ -365,16 +387,26 @@ def test_learned_run_resumes(learned_run, capsys):
 
 
 def test_gate_travel_and_the_note_for_short_runs(tmp_path, capsys):
-    base = {"data": {"root": "x"}, "optim": {"name": "adamw", "lr": 0.001}, "train": {"epochs": 4},
-            "model": {"reduction": "learned", "learned": {"gate_lr_scale": 10}}}
+    base = {
+        "data": {"root": "x"},
+        "optim": {"name": "adamw", "lr": 0.001},
+        "train": {"epochs": 4},
+        "model": {"reduction": "learned", "learned": {"gate_lr_scale": 10}},
+    }
     constant = validate({**base, "schedule": {"name": "constant", "warmup_epochs": 0}}, "t")
     assert gate_travel(constant, 50) == pytest.approx(4 * 50 * 0.001 * 10)  # every step at lr x scale
     cosine = validate({**base, "schedule": {"name": "cosine", "warmup_epochs": 0}}, "t")
     assert gate_travel(cosine, 50) == pytest.approx(1.0, rel=0.02)  # cosine averages half the lr
     # A short run says so, and names a scale that would let the gates travel.
     root = make_folder(tmp_path / "data", ["cat", "dog"], per_class=6)
-    raw = tiny_config(root, tmp_path / "runs", "short", model={"reduction": "learned"},
-                      optim={"name": "adamw", "lr": 0.001}, data={"batch_size": 6})
+    raw = tiny_config(
+        root,
+        tmp_path / "runs",
+        "short",
+        model={"reduction": "learned"},
+        optim={"name": "adamw", "lr": 0.001},
+        data={"batch_size": 6},
+    )
     code, out, err = run_cli(["train", "--config", write_config(tmp_path / "s.yaml", raw), "--quiet"], capsys)
     assert code == 0, err
     assert "note: reduction: learned: in 2 optimizer steps a gate can move by about 0.0" in out

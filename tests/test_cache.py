@@ -79,7 +79,9 @@ def test_cached_validation_images_equal_the_eval_transform(tmp_path):
     samples = data.samples
     for s in samples:
         s.split = "val"
-    _, val = cache.cached_loaders(cfg, "ram", root, samples[:2], samples, [[0, 1]], torch.device("cpu"), print)
+    _, val = cache.cached_loaders(
+        cfg, "ram", root, samples[:2], samples, [[0, 1]], torch.device("cpu"), print
+    )
     images, labels = next(iter(val))
     transform = eval_transform(preprocess_of(cfg))
     expected = torch.stack([transform(load_rgb(root / s.path)) for s in samples])
@@ -113,15 +115,18 @@ def test_choose(monkeypatch):
 
 def test_cached_run_trains_and_validates_like_eval(tmp_path, capsys):
     root = make_folder(tmp_path / "data", ["cat", "dog", "fox"], per_class=8)
-    raw = tiny_config(root, tmp_path / "runs", "cached", data={"cache": "ram", "batch_size": 6},
-                      train={"epochs": 2})
+    raw = tiny_config(
+        root, tmp_path / "runs", "cached", data={"cache": "ram", "batch_size": 6}, train={"epochs": 2}
+    )
     code, out, err = run_cli(["train", "--config", write_config(tmp_path / "c.yaml", raw), "--quiet"], capsys)
     assert code == 0, err
     assert "data.cache: decoded 18 + 6 images once into RAM" in out
     run_dir = tmp_path / "runs" / "cached"
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    code, out, err = run_cli(["eval", run_dir / "best.pt", "--split", "val", "--output", tmp_path / "e.json",
-                              "--device", "cpu"], capsys)
+    code, out, err = run_cli(
+        ["eval", run_dir / "best.pt", "--split", "val", "--output", tmp_path / "e.json", "--device", "cpu"],
+        capsys,
+    )
     assert code == 0, err
     evaluated = json.loads((tmp_path / "e.json").read_text())["metrics"]
     # The cached validation images are the eval transform's: the same predictions and loss.

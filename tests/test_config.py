@@ -277,8 +277,9 @@ def test_cli_error_through_a_real_process(tmp_path):
     )
 
 
-@pytest.mark.parametrize("path", sorted(Path(__file__).resolve().parent.parent.glob("configs/**/*.yaml")),
-                         ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "path", sorted(Path(__file__).resolve().parent.parent.glob("configs/**/*.yaml")), ids=lambda p: p.name
+)
 def test_every_shipped_recipe_validates(path):
     cfg = load_config(path)
     assert cfg.data.root and cfg.model.name

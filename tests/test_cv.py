@@ -88,7 +88,9 @@ def cv(tmp_path_factory):
     root = base / "data"
     patients = make_patients(root)
     raw = tiny_config(
-        root, base / "runs", "cv",
+        root,
+        base / "runs",
+        "cv",
         data={"split": {"val": 0.25, "test": 0.0, "group_by": PATIENT}},
         train={"epochs": 2, "ema": True, "ema_decay": 0.5},
         cv={"folds": 3},
@@ -106,8 +108,14 @@ def cv(tmp_path_factory):
             except Stop:
                 pass
             runs[name] = {"lines": lines, **{f"fold-{f}": mtimes(cv_dir / f"fold-{f}") for f in (1, 2)}}
-    return {"base": base, "root": root, "patients": patients, "config": config, "cv_dir": cv_dir,
-            "runs": runs}
+    return {
+        "base": base,
+        "root": root,
+        "patients": patients,
+        "config": config,
+        "cv_dir": cv_dir,
+        "runs": runs,
+    }
 
 
 def fold_test_images(cv_dir: Path, fold: int) -> list[Sample]:
@@ -157,8 +165,10 @@ def test_make_folds_is_stratified_and_follows_the_seed():
     samples = []
     for label in range(3):
         for g in range(12):
-            samples += [Sample(f"c{label}/g{label}_{g}_{i}.jpg", label, "", f"g{label}_{g}")
-                        for i in range(int(rng.integers(1, 5)))]
+            samples += [
+                Sample(f"c{label}/g{label}_{g}_{i}.jpg", label, "", f"g{label}_{g}")
+                for i in range(int(rng.integers(1, 5)))
+            ]
     folds = make_folds(samples, ["a", "b", "c"], 4, seed=0, why="test")
     assert folds == make_folds(samples, ["a", "b", "c"], 4, seed=0, why="test")
     assert folds != make_folds(samples, ["a", "b", "c"], 4, seed=1, why="test")
@@ -175,7 +185,12 @@ def test_make_folds_is_stratified_and_follows_the_seed():
 def test_each_fold_is_a_normal_run_with_its_own_stream_and_checkpoints(cv):
     cv_dir = cv["cv_dir"]
     assert sorted(p.name for p in cv_dir.iterdir()) == [
-        "config.yaml", "cv.json", "fold-1", "fold-2", "fold-3", "folds.csv"
+        "config.yaml",
+        "cv.json",
+        "fold-1",
+        "fold-2",
+        "fold-3",
+        "folds.csv",
     ]
     for fold in (1, 2, 3):
         fold_dir = cv_dir / f"fold-{fold}"
@@ -246,10 +261,12 @@ def test_interrupted_cv_resumes_and_skips_finished_folds(cv):
     assert (fold3 / "test_metrics.json").read_text() == report
 
 
-@pytest.mark.parametrize("choice, file, ema", [("last", "last.pt", False), ("ema", "last.pt", True),
-                                               ("best", "best.pt", True)])
+@pytest.mark.parametrize(
+    "choice, file, ema", [("last", "last.pt", False), ("ema", "last.pt", True), ("best", "best.pt", True)]
+)
 def test_the_weights_choice_picks_the_checkpoint_and_needs_no_retraining(cv, choice, file, ema):
     cv_dir = cv["cv_dir"]
+
     def checkpoints(fold: int) -> dict[str, int]:
         return {n: t for n, t in mtimes(cv_dir / f"fold-{fold}").items() if n.endswith(".pt")}
 
@@ -263,8 +280,9 @@ def test_the_weights_choice_picks_the_checkpoint_and_needs_no_retraining(cv, cho
         assert Path(f["checkpoint"]) == fold_dir / file and f["ema"] is ema
         assert f["epoch"] == (1 if file == "best.pt" else 2)
         images = EvalSet(cv["root"], fold_test_images(cv_dir, f["fold"]), "test", "t")
-        direct = evaluate_checkpoint(fold_dir / file, device="cpu", use_ema=ema, workers=0,
-                                     log=lambda _: None, images=images)
+        direct = evaluate_checkpoint(
+            fold_dir / file, device="cpu", use_ema=ema, workers=0, log=lambda _: None, images=images
+        )
         assert f["acc"] == direct.report["metrics"]["acc"] and f["auc"] == direct.report["metrics"]["auc"]
         stored = json.loads((fold_dir / "test_metrics.json").read_text())
         assert stored["choice"] == choice and stored["metrics"]["loss"] == direct.report["metrics"]["loss"]
@@ -277,17 +295,30 @@ def test_best_and_last_weights_differ_here(cv):
     """The premise of the test above: best.pt and last.pt hold different weights and predictions."""
     fold_dir, images = cv["cv_dir"] / "fold-1", fold_test_images(cv["cv_dir"], 1)
     losses = [
-        evaluate_checkpoint(fold_dir / name, device="cpu", workers=0, log=lambda _: None,
-                            images=EvalSet(cv["root"], images, "test", "t")).report["metrics"]["loss"]
+        evaluate_checkpoint(
+            fold_dir / name,
+            device="cpu",
+            workers=0,
+            log=lambda _: None,
+            images=EvalSet(cv["root"], images, "test", "t"),
+        ).report["metrics"]["loss"]
         for name in ("best.pt", "last.pt")
     ]
     assert losses[0] != losses[1]
 
 
 def test_the_same_command_continues_and_another_config_gets_a_new_folder(cv):
-    cfg = validate(tiny_config(cv["root"], cv["base"] / "runs", "cv",
-                               data={"split": {"val": 0.25, "test": 0.0, "group_by": PATIENT}},
-                               train={"epochs": 2, "ema": True, "ema_decay": 0.5}, cv={"folds": 3}), "t")
+    cfg = validate(
+        tiny_config(
+            cv["root"],
+            cv["base"] / "runs",
+            "cv",
+            data={"split": {"val": 0.25, "test": 0.0, "group_by": PATIENT}},
+            train={"epochs": 2, "ema": True, "ema_decay": 0.5},
+            cv={"folds": 3},
+        ),
+        "t",
+    )
     lines: list[str] = []
     assert find_cv_dir(cfg, None, lines.append) == cv["cv_dir"] and not lines
     raw = cfg.to_dict()
@@ -322,8 +353,14 @@ def test_augmented_copies_follow_their_original(tmp_path, capsys):
         for i in range(2):
             copy = augmented / path.parent.name / f"{path.stem}_{i:02d}.jpg"
             make_image(copy, TINTS[path.parent.name], 1000 + 2 * n + i)
-    raw = tiny_config(originals, tmp_path / "runs", "aug", data={"split": {"val": 0.25, "test": 0.0}},
-                      cv={"folds": 2, "augmented": str(augmented)}, log={"tensorboard": False})
+    raw = tiny_config(
+        originals,
+        tmp_path / "runs",
+        "aug",
+        data={"split": {"val": 0.25, "test": 0.0}},
+        cv={"folds": 2, "augmented": str(augmented)},
+        log={"tensorboard": False},
+    )
     config = write_config(tmp_path / "aug.yaml", raw)
     code, out, err = run_cli(["cv", "--config", config, "--quiet"], capsys)
     assert code == 0, err
@@ -444,11 +481,20 @@ def _bad_case(tmp_path: Path, case: str) -> tuple[list[str], str]:
     return ["cv", "--config", config, *args], fragment
 
 
-@pytest.mark.parametrize("case", [
-    "one fold", "more folds than patients", "ema weights without ema", "presplit data",
-    "copy without original", "missing augmented folder", "neither config nor resume", "not a cv folder",
-    "unknown cv key",
-])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "one fold",
+        "more folds than patients",
+        "ema weights without ema",
+        "presplit data",
+        "copy without original",
+        "missing augmented folder",
+        "neither config nor resume",
+        "not a cv folder",
+        "unknown cv key",
+    ],
+)
 def test_bad_input_is_one_error_line_and_writes_nothing(tmp_path, capsys, case):
     args, fragment = _bad_case(tmp_path, case)
     code, _, err = run_cli(args, capsys)

@@ -91,8 +91,6 @@ semodel.cli.main()
 """
 
 
-
-
 def make_data(root: Path) -> Path:
     """root/{train,val}/<class>/*.jpg, square 16 px images (so that a crop of scale 1 is the whole image)."""
     for split, n in PER_CLASS.items():
@@ -126,7 +124,10 @@ def ddp(tmp_path_factory):
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     failed = launch(
         [*torchrun, str(wrapper), "train", "--config", str(config), "--quiet"],
-        base, WEIGHTS_DIR=str(weights), FAIL_RANK="1", FAIL_EPOCH="2",
+        base,
+        WEIGHTS_DIR=str(weights),
+        FAIL_RANK="1",
+        FAIL_EPOCH="2",
     )
     run_dir = base / "runs" / "ddp"
     after_failure = sorted(p.name for p in run_dir.iterdir())
@@ -134,8 +135,14 @@ def ddp(tmp_path_factory):
     resume = ["--resume", str(run_dir / "last.pt"), "--quiet"]
     resumed = launch([sys.executable, "-m", "semodel", "train", "--nproc", "2", *resume], base)
     return {
-        "base": base, "root": root, "run_dir": run_dir, "weights": weights, "failed": failed,
-        "after_failure": after_failure, "epoch1": epoch1, "resumed": resumed,
+        "base": base,
+        "root": root,
+        "run_dir": run_dir,
+        "weights": weights,
+        "failed": failed,
+        "after_failure": after_failure,
+        "epoch1": epoch1,
+        "resumed": resumed,
     }
 
 
@@ -246,10 +253,25 @@ def test_nproc_relaunches_the_same_command_through_torch_distributed_run(monkeyp
     monkeypatch.delenv("RANK", raising=False)
     args = ["--config", "x.yaml", "--set", "optim.lr=0.1", "-s", "train.epochs=3", "--nproc", "4", "-q"]
     code, _, err = run_cli(["train", *args], capsys)
-    assert launched == [[
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4", "-m", "semodel",
-        "train", "--config", "x.yaml", "--set", "optim.lr=0.1", "--set", "train.epochs=3", "--quiet",
-    ]]
+    assert launched == [
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=4",
+            "-m",
+            "semodel",
+            "train",
+            "--config",
+            "x.yaml",
+            "--set",
+            "optim.lr=0.1",
+            "--set",
+            "train.epochs=3",
+            "--quiet",
+        ]
+    ]
     assert code == 1 and "error: training with 4 processes failed (exit code 1)" in err
 
     # Under torchrun, --nproc would start processes from every process: refused.
@@ -259,4 +281,3 @@ def test_nproc_relaunches_the_same_command_through_torch_distributed_run(monkeyp
     assert code == 2 and "--nproc starts its own processes" in err
     assert len(launched) == 1
     assert semodel.cli._process_name() == "[rank 0 of 2] "
-

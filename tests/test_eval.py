@@ -101,7 +101,9 @@ def test_eval_matches_an_independent_computation(run, capsys, tmp_path):
     report = json.loads(out.read_text())
     m = report["metrics"]
 
-    truth, predicted, probs = independent_predictions(run["ckpt"], run["root"], run["run_dir"] / "split.csv", "test")
+    truth, predicted, probs = independent_predictions(
+        run["ckpt"], run["root"], run["run_dir"] / "split.csv", "test"
+    )
     cm = confusion(truth, predicted, 3)
     assert cm == EXPECTED_CM  # the model does what it was fitted to do
     assert m["confusion_matrix"] == cm
@@ -279,7 +281,9 @@ def test_bad_input_end_to_end(run, tmp_path):
     result = run_subprocess(["eval", path])
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
-    assert result.stderr.strip().count("\n") == 0 and result.stderr.startswith(f"error: {path}: refused to load")
+    assert result.stderr.strip().count("\n") == 0 and result.stderr.startswith(
+        f"error: {path}: refused to load"
+    )
     assert result.stdout == ""
 
 

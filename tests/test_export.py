@@ -140,4 +140,3 @@ def test_exported_file_name_is_not_the_checkpoint(run, capsys, tmp_path):
     code, _, err = run_cli(["export", ckpt, "-f", "torchscript", "-o", ckpt], capsys)
     assert_one_line_error(code, err, "is the checkpoint itself")
     assert load_checkpoint(ckpt)["classes"] == CLASSES  # untouched
-

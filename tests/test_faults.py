@@ -35,8 +35,6 @@ TIMEOUT = 180
 MORE_EPOCH = ["--set", "train.epochs=2", "--quiet"]  # resume a 1-epoch run for one more
 
 
-
-
 def kill_resume():
     """scripts/kill_resume.py as a module (scripts/ is no package)."""
     if "kill_resume" not in sys.modules:
@@ -56,11 +54,19 @@ def run_semodel(args: list[str], wrapper: str = "", limit_file_size: int | None 
             signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
             resource.setrlimit(resource.RLIMIT_FSIZE, (limit_file_size, limit_file_size))
 
-    code = f"import sys\n{wrapper}\nimport semodel.cli\nsys.argv = ['semodel', *sys.argv[1:]]\n" \
+    code = (
+        f"import sys\n{wrapper}\nimport semodel.cli\nsys.argv = ['semodel', *sys.argv[1:]]\n"
         "semodel.cli.main()\n"
+    )
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    return subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True,
-                          timeout=TIMEOUT, env=env, preexec_fn=limits)
+    return subprocess.run(
+        [sys.executable, "-c", code, *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        env=env,
+        preexec_fn=limits,
+    )
 
 
 def files(run_dir: Path) -> dict[str, bytes]:
@@ -78,8 +84,15 @@ def test_sigkill_at_random_moments_corrupts_nothing_and_resume_is_exact(tmp_path
     """Reference run, then 3 SIGKILLs aimed at a checkpoint write, a training step and validation."""
     script = kill_resume()
     lines: list[str] = []
-    report = script.kill_loop(tmp_path, kills=3, seed=0, epochs=2, aims=["save", "train", "val"],
-                              tensorboard=False, say=lines.append)
+    report = script.kill_loop(
+        tmp_path,
+        kills=3,
+        seed=0,
+        epochs=2,
+        aims=["save", "train", "val"],
+        tensorboard=False,
+        say=lines.append,
+    )
     log = "\n".join(lines)
     assert len(report.kills) == 3 and not report.completed_early, log
     assert report.corrupted == 0, log
@@ -93,8 +106,13 @@ def test_sigkill_at_random_moments_corrupts_nothing_and_resume_is_exact(tmp_path
 
 def test_kill_loop_helpers():
     script = kill_resume()
-    trace = [(0.0, "+", "startup"), (1.0, "-", "startup"), (1.0, "+", "train 1"), (2.0, "-", "train 1"),
-             (2.0, "+", "save last.pt 1")]
+    trace = [
+        (0.0, "+", "startup"),
+        (1.0, "-", "startup"),
+        (1.0, "+", "train 1"),
+        (2.0, "-", "train 1"),
+        (2.0, "+", "save last.pt 1"),
+    ]
     assert script.landed_in(trace) == "save last.pt 1"
     assert script.landed_in(trace[:4]) == "between phases (after train 1)"
     assert script.landed_in([]) == "startup"
@@ -141,8 +159,9 @@ def _half_written_then_no_space(obj, f, *args, **kwargs):
 
 
 @pytest.mark.parametrize("fault", ["torch.save", "os.fsync", "os.replace"])
-def test_full_disk_while_writing_a_checkpoint_keeps_the_previous_one(fault, one_epoch, tmp_path, monkeypatch,
-                                                                     capsys):
+def test_full_disk_while_writing_a_checkpoint_keeps_the_previous_one(
+    fault, one_epoch, tmp_path, monkeypatch, capsys
+):
     run_dir = tmp_path / "run"
     shutil.copytree(one_epoch, run_dir)
     before = files(run_dir)
@@ -250,8 +269,10 @@ def test_dataloader_worker_that_dies_ends_the_run_with_a_clear_message(how, tmp_
     if how == "sigkill":
         # torch words it "is killed by signal: Killed" or "exited unexpectedly", by which check sees it first
         assert "is killed by signal" in result.stderr or "exited unexpectedly" in result.stderr, result.stderr
-        assert f"{run_dir / 'last.pt'} is kept; resume with: semodel train --resume {run_dir / 'last.pt'}" \
-            in result.stderr, result.stderr
+        assert (
+            f"{run_dir / 'last.pt'} is kept; resume with: semodel train --resume {run_dir / 'last.pt'}"
+            in result.stderr
+        ), result.stderr
         assert load_ckpt(run_dir / "last.pt")["epoch"] == 1  # (resuming it is what the kill loop tests)
     else:
         assert "exited unexpectedly" in result.stderr, result.stderr

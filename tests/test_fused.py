@@ -64,8 +64,12 @@ def test_matches_plain_composition(always_fused, attention, fmt):
     assert (ref == 0).any() and (ref > 0).any()  # the ReLU clips some entries and passes others
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
     grad_out = torch.randn_like(out)
-    for name, a, b in zip(["x", "identity"] + [n for n, _ in att.named_parameters()],
-                          grads(out, inputs, grad_out), grads(ref, inputs, grad_out), strict=True):
+    for name, a, b in zip(
+        ["x", "identity"] + [n for n, _ in att.named_parameters()],
+        grads(out, inputs, grad_out),
+        grads(ref, inputs, grad_out),
+        strict=True,
+    ):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=lambda m, n=name: f"d{n}: {m}")
     # the same module call as in a block with attention, by hand: x * w where w = excitation(x)
     torch.testing.assert_close(out, torch.relu(att(x) + identity), rtol=1e-12, atol=1e-12)
@@ -115,7 +119,7 @@ def test_bf16_autocast_close_to_fp32(always_fused):
     att, x, identity = make_inputs("se", "channels_last", shape=(4, 32, 8, 8), dtype=torch.float32)
     x32 = x.detach().clone().requires_grad_()
     ref = residual_tail_reference(x32, identity, att.excite)
-    ref_dx, = torch.autograd.grad(ref, x32, torch.ones_like(ref))
+    (ref_dx,) = torch.autograd.grad(ref, x32, torch.ones_like(ref))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         xb = x.detach().to(torch.bfloat16).requires_grad_()
         out = se_residual_tail(xb, identity.detach().to(torch.bfloat16), att)
@@ -171,8 +175,10 @@ def test_hooked_attention_is_called_as_a_module(always_fused):
     torch.testing.assert_close(hooked, unhooked)
 
 
-@pytest.mark.parametrize("name,placement", [("se_resnet18", None), ("se_resnet50", None),
-                                            ("se_resnet18", "eca"), ("se_resnet18", "learned")])
+@pytest.mark.parametrize(
+    "name,placement",
+    [("se_resnet18", None), ("se_resnet50", None), ("se_resnet18", "eca"), ("se_resnet18", "learned")],
+)
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_whole_model_fused_equals_unfused(always_fused, name, placement, fmt):
     """Outputs and every parameter gradient of a training step, fused blocks vs plain blocks."""
@@ -199,7 +205,9 @@ def test_whole_model_fused_equals_unfused(always_fused, name, placement, fmt):
         if grads_p[n] is None:
             assert grads_f[n] is None, n
             continue
-        torch.testing.assert_close(grads_f[n], grads_p[n], rtol=1e-9, atol=1e-11, msg=lambda m, n=n: f"{n}: {m}")
+        torch.testing.assert_close(
+            grads_f[n], grads_p[n], rtol=1e-9, atol=1e-11, msg=lambda m, n=n: f"{n}: {m}"
+        )
     for a, b in zip(models[0].buffers(), models[1].buffers(), strict=True):  # BN running statistics
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 

@@ -31,8 +31,10 @@ def runs(tmp_path_factory):
     base = tmp_path_factory.mktemp("inspect")
     root = make_folder(base / "data", CLASSES, per_class=6)
     variants = {
-        "learned": {"model": {"reduction": "learned", "learned": {"penalty": 0.5, "gate_lr_scale": 100}},
-                    "train": {"epochs": 3}},
+        "learned": {
+            "model": {"reduction": "learned", "learned": {"penalty": 0.5, "gate_lr_scale": 100}},
+            "train": {"epochs": 3},
+        },
         "eca": {"model": {"attention": "eca"}},
         "none": {"model": {"attention": "none"}},
     }
@@ -46,13 +48,21 @@ def runs(tmp_path_factory):
 def by_hand(state, root, sites):
     """Per-class mean excitation at ``sites`` from the *gated* (unpruned) model, images one by one."""
     cfg = state["config"]["model"]
-    model = build_model(cfg["name"], len(state["classes"]), attention=cfg["attention"], reduction=cfg["reduction"],
-                        learned=cfg["learned"], stem=cfg["stem"])
+    model = build_model(
+        cfg["name"],
+        len(state["classes"]),
+        attention=cfg["attention"],
+        reduction=cfg["reduction"],
+        learned=cfg["learned"],
+        stem=cfg["stem"],
+    )
     model.load_state_dict(state["model"])
     model.eval()
     modules = dict(model.named_modules())
     inputs = {}
-    hooks = [modules[s].register_forward_hook(lambda m, a, o, s=s: inputs.__setitem__(s, a[0])) for s in sites]
+    hooks = [
+        modules[s].register_forward_hook(lambda m, a, o, s=s: inputs.__setitem__(s, a[0])) for s in sites
+    ]
     transform = eval_transform(state["preprocess"])
     sums = {s: torch.zeros(len(CLASSES), modules[s].channels) for s in sites}
     counts = torch.zeros(len(CLASSES))
@@ -71,8 +81,22 @@ def by_hand(state, root, sites):
 def test_excitation_means_widths_and_cams_match_the_checkpoint(runs, tmp_path, capsys):
     run_dir, root = runs["learned"], runs["root"]
     out = tmp_path / "inspect"
-    code, stdout, err = run_cli(["inspect", run_dir / "best.pt", "--data", root, "--out", out, "--cams", "2",
-                                 "--device", "cpu", "--tensorboard"], capsys)
+    code, stdout, err = run_cli(
+        [
+            "inspect",
+            run_dir / "best.pt",
+            "--data",
+            root,
+            "--out",
+            out,
+            "--cams",
+            "2",
+            "--device",
+            "cpu",
+            "--tensorboard",
+        ],
+        capsys,
+    )
     assert code == 0, err
     report = json.loads((out / "inspect.json").read_text())
     sites = ["layer1.1.se", "layer2.1.se", "layer3.1.se", "layer4.1.se"]  # the last of each stage
@@ -88,7 +112,9 @@ def test_excitation_means_widths_and_cams_match_the_checkpoint(runs, tmp_path, c
         assert site["name"] in stdout
     # Learned widths: the open gates of best.pt.
     gates = {k.removesuffix(".unit_gate"): v for k, v in state["model"].items() if k.endswith("unit_gate")}
-    assert {k: w["width"] for k, w in report["learned_widths"].items()} == {k: int((v > 0).sum()) for k, v in gates.items()}
+    assert {k: w["width"] for k, w in report["learned_widths"].items()} == {
+        k: int((v > 0).sum()) for k, v in gates.items()
+    }
     assert "learned SE widths" in stdout
     # Grad-CAM: 2 images per class, labelled with the model's own prediction.
     assert [c["true"] for c in report["gradcam"]] == [c for c in CLASSES for _ in range(2)]
@@ -109,8 +135,23 @@ def test_excitation_means_widths_and_cams_match_the_checkpoint(runs, tmp_path, c
 
 
 def test_eca_and_plain_models(runs, tmp_path, capsys):
-    code, stdout, err = run_cli(["inspect", runs["eca"] / "best.pt", "--data", runs["root"], "--out", tmp_path / "eca",
-                                 "--per-class", "3", "--cams", "0", "--sites", "layer1.0.se,layer4.1.se"], capsys)
+    code, stdout, err = run_cli(
+        [
+            "inspect",
+            runs["eca"] / "best.pt",
+            "--data",
+            runs["root"],
+            "--out",
+            tmp_path / "eca",
+            "--per-class",
+            "3",
+            "--cams",
+            "0",
+            "--sites",
+            "layer1.0.se,layer4.1.se",
+        ],
+        capsys,
+    )
     assert code == 0, err
     report = json.loads((tmp_path / "eca" / "inspect.json").read_text())
     assert [s["name"] for s in report["sites"]] == ["layer1.0.se", "layer4.1.se"]
@@ -118,8 +159,19 @@ def test_eca_and_plain_models(runs, tmp_path, capsys):
     assert report["learned_widths"] == {} and report["gradcam"] == []
     assert sorted(p.name for p in (tmp_path / "eca").iterdir()) == ["excitation.png", "inspect.json"]
 
-    code, stdout, err = run_cli(["inspect", runs["none"] / "best.pt", "--data", runs["root"],
-                                 "--out", tmp_path / "none", "--cams", "1"], capsys)
+    code, stdout, err = run_cli(
+        [
+            "inspect",
+            runs["none"] / "best.pt",
+            "--data",
+            runs["root"],
+            "--out",
+            tmp_path / "none",
+            "--cams",
+            "1",
+        ],
+        capsys,
+    )
     assert code == 0, err
     assert "no attention modules" in stdout
     assert sorted(p.name for p in (tmp_path / "none").iterdir()) == ["gradcam.png", "inspect.json"]
@@ -131,11 +183,18 @@ def test_default_sites_are_the_last_of_every_stage():
         block = build_model("se_densenet121", 2, placement=["layer", "block"])
         resnet = build_model("se_resnet50", 2, attention="eca")
     assert default_sites(attention_sites(layer)) == [
-        "features.denseblock1.denselayer6.se", "features.denseblock2.denselayer12.se",
-        "features.denseblock3.denselayer24.se", "features.denseblock4.denselayer16.se",
+        "features.denseblock1.denselayer6.se",
+        "features.denseblock2.denselayer12.se",
+        "features.denseblock3.denselayer24.se",
+        "features.denseblock4.denselayer16.se",
     ]
     assert default_sites(attention_sites(block)) == [f"features.denseblock{i}.se" for i in range(1, 5)]
-    assert default_sites(attention_sites(resnet)) == ["layer1.2.se", "layer2.3.se", "layer3.5.se", "layer4.2.se"]
+    assert default_sites(attention_sites(resnet)) == [
+        "layer1.2.se",
+        "layer2.3.se",
+        "layer3.5.se",
+        "layer4.2.se",
+    ]
     assert stage_of("features.denseblock2.denselayer4.se") == "features.denseblock2"
 
 
@@ -146,7 +205,9 @@ def test_site_stats_by_hand():
     torch.testing.assert_close(stats.class_means[:2], torch.tensor([[0.3, 0.7], [0.8, 0.2]]))
     assert stats.class_means[2].isnan().all()  # a class without images
     assert stats.class_spread == pytest.approx(0.5)  # |0.3 - 0.8| and |0.7 - 0.2|
-    assert stats.noise_spread == pytest.approx((0.2 + 0.2) / 2)  # halves of a class differ by 0.2 in each channel
+    assert stats.noise_spread == pytest.approx(
+        (0.2 + 0.2) / 2
+    )  # halves of a class differ by 0.2 in each channel
     assert stats.mean_weight == pytest.approx(0.5)
 
 
@@ -158,16 +219,21 @@ def test_site_stats_by_hand():
     ],
 )
 def test_bad_options_are_one_line_errors(runs, tmp_path, capsys, extra, fragment):
-    code, _, err = run_cli(["inspect", runs["eca"] / "best.pt", "--data", runs["root"], "--out", tmp_path / "o", *extra],
-                           capsys)
+    code, _, err = run_cli(
+        ["inspect", runs["eca"] / "best.pt", "--data", runs["root"], "--out", tmp_path / "o", *extra], capsys
+    )
     assert_one_line_error(code, err, fragment)
 
 
 def test_wrong_data_and_missing_checkpoint_are_one_line_errors(runs, tmp_path, capsys):
     other = make_folder(tmp_path / "other", ["cat", "dog"], per_class=2)
-    code, _, err = run_cli(["inspect", runs["eca"] / "best.pt", "--data", other, "--out", tmp_path / "o"], capsys)
+    code, _, err = run_cli(
+        ["inspect", runs["eca"] / "best.pt", "--data", other, "--out", tmp_path / "o"], capsys
+    )
     assert_one_line_error(code, err, "do not match the checkpoint's classes")
-    code, _, err = run_cli(["inspect", tmp_path / "nope.pt", "--data", other, "--out", tmp_path / "o"], capsys)
+    code, _, err = run_cli(
+        ["inspect", tmp_path / "nope.pt", "--data", other, "--out", tmp_path / "o"], capsys
+    )
     assert_one_line_error(code, err, "nope.pt")
     assert not (tmp_path / "o").exists()  # nothing written for a failed command
 
@@ -180,7 +246,9 @@ def test_variants_export_and_match_pytorch(runs, tmp_path, capsys, variant, fmt)
     from semodel.export import run_onnx, run_torchscript
 
     out = tmp_path / f"{variant}.{'onnx' if fmt == 'onnx' else 'pt'}"
-    code, stdout, err = run_cli(["export", runs[variant] / "best.pt", "--format", fmt, "--output", out], capsys)
+    code, stdout, err = run_cli(
+        ["export", runs[variant] / "best.pt", "--format", fmt, "--output", out], capsys
+    )
     assert code == 0, err
     state = load_ckpt(runs[variant] / "best.pt")
     model = build_from_checkpoint(state)

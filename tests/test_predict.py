@@ -124,7 +124,9 @@ def test_topk(world, capsys, tmp_path):
 
     binary = tmp_path / "binary.pt"
     make_checkpoint(binary, world["root"], classes=["cat", "dog"])
-    code, out, err = run_cli(["predict", "-c", binary, world["root"] / "cat" / "cat_0.jpg", "-f", "csv"], capsys)
+    code, out, err = run_cli(
+        ["predict", "-c", binary, world["root"] / "cat" / "cat_0.jpg", "-f", "csv"], capsys
+    )
     assert code == 0, err
     assert out.splitlines()[0] == "path,top1,prob1,top2,prob2"  # min(3, 2 classes)
 
@@ -133,7 +135,12 @@ def test_files_folders_and_globs(world, tmp_path):
     root = world["root"]
     (root / "dog" / "readme.txt").write_text("not an image")
     paths, problems = collect_inputs(
-        [str(root / "cat" / "cat_2.jpg"), str(root / "cat"), str(root / "d*" / "*_[01].jpg"), str(root / "zzz*.png")]
+        [
+            str(root / "cat" / "cat_2.jpg"),
+            str(root / "cat"),
+            str(root / "d*" / "*_[01].jpg"),
+            str(root / "zzz*.png"),
+        ]
     )
     names = [p.name for p in paths]
     # the named file first, then the folder (without repeating cat_2), then the glob's matches
@@ -243,10 +250,12 @@ def test_cold_start_imports_only_what_it_needs(world):
         "try:\n    probe(['--name', 'y'])\nexcept SystemExit:\n    pass\n"
         "framework = set(sys.modules)\n"
         "from semodel.cli import main\n"
-        f"sys.argv = ['semodel', 'predict', '-c', {str(world['ckpt'])!r}, {str(world['root'] / 'cat' / 'cat_0.jpg')!r}]\n"
+        f"image = {str(world['root'] / 'cat' / 'cat_0.jpg')!r}\n"
+        f"sys.argv = ['semodel', 'predict', '-c', {str(world['ckpt'])!r}, image]\n"
         "try:\n    main()\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
-        "heavy = ['torchvision', 'matplotlib', 'torchmetrics', 'onnx', 'onnxruntime', 'tensorboard', 'pydantic',\n"
-        "         'yaml', 'semodel.train', 'semodel.config', 'semodel.evaluate', 'semodel.gradcam']\n"
+        "heavy = ['torchvision', 'matplotlib', 'torchmetrics', 'onnx', 'onnxruntime', 'tensorboard',\n"
+        "         'pydantic', 'yaml', 'semodel.train', 'semodel.config', 'semodel.evaluate',\n"
+        "         'semodel.gradcam']\n"
         "print('LOADED', [m for m in heavy if m in sys.modules and m not in framework])\n"
     )
     import subprocess
@@ -294,7 +303,7 @@ def test_grad_cam_matches_hooks_on_the_full_backward_pass(world):
     _, cams, target = grad_cam(model, x)
     for i in range(2):
         saved = {}
-        handle = model.layer4.register_forward_hook(lambda m, inp, out: saved.update(out=out))
+        handle = model.layer4.register_forward_hook(lambda m, inp, out, saved=saved: saved.update(out=out))
         out = model(x[i : i + 1].clone().requires_grad_(True))
         handle.remove()
         (grad,) = torch.autograd.grad(out[0, target[i]], saved["out"])

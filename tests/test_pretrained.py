@@ -235,7 +235,9 @@ def test_train_with_a_missing_weights_file_leaves_no_run_folder(tmp_path, capsys
     runs = tmp_path / "runs"
     (runs / "earlier").mkdir(parents=True)  # another run's folder: untouched
     (runs / "earlier" / "keep.txt").write_text("x")
-    cfg = write_config(tmp_path / "c.yaml", tiny_config(root, runs, "pt", model={"pretrained": str(tmp_path / "nope.pth")}))
+    cfg = write_config(
+        tmp_path / "c.yaml", tiny_config(root, runs, "pt", model={"pretrained": str(tmp_path / "nope.pth")})
+    )
     code, _, err = run_cli(["train", "--config", cfg, "--quiet"], capsys)
     assert_one_line_error(code, err, "pretrained weights file not found", tmp_path / "nope.pth")
     assert sorted(p.name for p in runs.iterdir()) == ["earlier"]

@@ -141,6 +141,7 @@ def test_grouped_split_keeps_mixed_patients_whole(files, fracs, seed):
 @given(files=grouped_files(pure=True), fracs=fractions(), seed=st.integers(0, 2**32))
 def test_split_depends_only_on_the_seed(files, fracs, seed):
     num_classes, samples = files
+
     def split_once() -> dict[str, str]:
         fresh = [Sample(s.path, s.label) for s in samples]
         return split_of(assign_splits(fresh, num_classes, *fracs, seed, GROUP_BY))
@@ -212,11 +213,24 @@ OVERRIDES = {
 }
 YAML_NULLS = {"null", "Null", "NULL", "~"}
 # Fields that take text: str fields (those that may be null marked True) and Literal fields.
-STRING_FIELDS = {"train.device": False, "log.out_dir": False, "data.root": False, "log.name": True,
-                 "model.pretrained": True, "data.split.group_by": True}
+STRING_FIELDS = {
+    "train.device": False,
+    "log.out_dir": False,
+    "data.root": False,
+    "log.name": True,
+    "model.pretrained": True,
+    "data.split.group_by": True,
+}
 LITERAL_FIELDS = {"train.amp", "model.name", "optim.name", "train.monitor", "data.balance"}
-FLOAT_FIELDS = {"optim.lr", "optim.weight_decay", "train.clip_grad", "data.split.val", "data.augment.hflip",
-                "model.reduction", "schedule.warmup_epochs"}
+FLOAT_FIELDS = {
+    "optim.lr",
+    "optim.weight_decay",
+    "train.clip_grad",
+    "data.split.val",
+    "data.augment.hflip",
+    "model.reduction",
+    "schedule.warmup_epochs",
+}
 
 
 def expected_value(key: str, text: str):

@@ -56,8 +56,6 @@ EPOCH_SCALARS = [
 ]
 
 
-
-
 # ----------------------------------------------------------------------------- one straight run
 
 
@@ -347,8 +345,18 @@ def test_resume_takes_optimizer_overrides(one_epoch, tmp_path, capsys):
     before = load_ckpt(run_dir / "last.pt")
     assert {g["initial_lr"] for g in before["optimizer"]["param_groups"]} == {0.05}
     code, _, err = run_cli(
-        ["train", "--resume", run_dir / "last.pt", "--quiet",
-         "--set", "train.epochs=2", "--set", "optim.lr=0.001", "--set", "optim.weight_decay=0.01"],
+        [
+            "train",
+            "--resume",
+            run_dir / "last.pt",
+            "--quiet",
+            "--set",
+            "train.epochs=2",
+            "--set",
+            "optim.lr=0.001",
+            "--set",
+            "optim.weight_decay=0.01",
+        ],
         capsys,
     )
     assert code == 0, err
@@ -660,7 +668,11 @@ def test_ctrl_c_saves_last_pt_and_prints_the_resume_command(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "semodel", "train", "--config", str(config), "--quiet"],
-        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
     )
     try:
         for line in proc.stdout:  # wait until epoch 1 is done and saved, then interrupt epoch 2
@@ -681,8 +693,14 @@ def test_ctrl_c_saves_last_pt_and_prints_the_resume_command(tmp_path):
 
     # The printed command, as a user would paste it (with a shorter schedule to finish quickly).
     args = hint.split()[1:] + ["--set", "train.epochs=2", "--quiet"]
-    result = subprocess.run([sys.executable, "-m", "semodel", *args], cwd=tmp_path, capture_output=True,
-                            text=True, env=env, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "semodel", *args],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     assert "resuming" in result.stdout and "at epoch 2" in result.stdout
     assert load_ckpt(run_dir / "last.pt")["epoch"] == 2

@@ -179,7 +179,9 @@ def load_pretrained(model: nn.Module, name: str, source: str) -> str:
         else:
             skipped.append(key)
     if not loaded:
-        raise SemodelError(f"{source}: no tensor matches {name}; is it a {torchvision_name(name)} state_dict?")
+        raise SemodelError(
+            f"{source}: no tensor matches {name}; is it a {torchvision_name(name)} state_dict?"
+        )
     new = [k for k in own if k not in loaded]
     model.load_state_dict(loaded, strict=False)
     return f"{len(loaded)} tensors loaded, {len(new)} new, {len(skipped)} skipped" + (

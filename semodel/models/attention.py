@@ -295,7 +295,10 @@ def sparsity_loss(model: nn.Module | list[LearnedWidthSE]) -> torch.Tensor | Non
 
 def learned_widths(model: nn.Module) -> dict[str, dict[str, int]]:
     """``{block name: {"channels", "start", "width"}}`` for every learned-width SE block."""
-    return {name: {"channels": m.channels, "start": m.hidden, "width": m.width} for name, m in learned_blocks(model)}
+    return {
+        name: {"channels": m.channels, "start": m.hidden, "width": m.width}
+        for name, m in learned_blocks(model)
+    }
 
 
 def format_widths(widths: dict[str, dict[str, int]]) -> str:

@@ -51,8 +51,10 @@ def _hooked(module: nn.Module) -> bool:
     from torch.nn.modules import module as _m
 
     return bool(
-        module._forward_hooks or module._forward_pre_hooks
-        or getattr(_m, "_global_forward_hooks", None) or getattr(_m, "_global_forward_pre_hooks", None)
+        module._forward_hooks
+        or module._forward_pre_hooks
+        or getattr(_m, "_global_forward_hooks", None)
+        or getattr(_m, "_global_forward_pre_hooks", None)
     )
 
 
@@ -248,7 +250,11 @@ def se_resnet(
     factory = None
     if attention != "none":
         options = dict(
-            reduction=reduction, min_channels=min_channels, bias=bias, gate=gate, start_reduction=start_reduction
+            reduction=reduction,
+            min_channels=min_channels,
+            bias=bias,
+            gate=gate,
+            start_reduction=start_reduction,
         )
         make_attention(attention, 8, **options)  # fail early on a bad kind or option
         factory = partial(make_attention, attention, **options)

@@ -84,8 +84,14 @@ def variant_table(num_classes: int = 1000, markdown: bool = False, **options) ->
 
 
 def format_table(rows: list[ModelSize], image_size: int = 224, markdown: bool = False) -> str:
-    header = ["model", "params", f"GFLOPs@{image_size}", "params without attention", "attention adds params",
-              "attention adds FLOPs"]
+    header = [
+        "model",
+        "params",
+        f"GFLOPs@{image_size}",
+        "params without attention",
+        "attention adds params",
+        "attention adds FLOPs",
+    ]
     body = [
         [
             r.name,
