@@ -12,9 +12,9 @@ made before the rows, and snapshotted: after every row, every file under it must
 1 MiB; the last test compares every byte of the checkpoints too), and the file that the
 code-running pickles would create must not exist.
 
-README.md shows this table (section "Bad input", between the ``bad-input-table`` markers);
-``test_readme_shows_this_table`` checks that it is exactly ``markdown_table()``. After changing
-``ROWS``, rewrite the README block with::
+docs/reliability.md shows this table (section "Bad input", between the ``bad-input-table`` markers);
+``test_docs_show_this_table`` checks that it is exactly ``markdown_table()``. After changing
+``ROWS``, rewrite the docs block with::
 
     python tests/test_bad_inputs.py
 """
@@ -47,10 +47,10 @@ from PIL import Image
 from semodel.data import check_image, load_rgb, scan_dataset
 from semodel.predict import collect_inputs, preprocess_image
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+TABLE_PAGE = Path(__file__).resolve().parent.parent / "docs" / "reliability.md"
 START, END = "<!-- bad-input-table:start -->", "<!-- bad-input-table:end -->"
 CLASSES = ["cat", "dog", "fox"]
-# How the README shows the placeholders of a command (they stand for absolute paths in the test).
+# How the docs table shows the placeholders of a command (they stand for absolute paths in the test).
 SHOWN = {"{run}": "runs/earlier", "{data}": "data"}
 MIB = 1 << 20
 
@@ -68,14 +68,14 @@ class World:
 @dataclass(frozen=True)
 class Row:
     id: str
-    input: str  # what is bad (README "input")
+    input: str  # what is bad (the table's "input")
     command: str  # after ``semodel``; {run}, {data} are placeholders, other names are made by ``make``
     make: Callable[[Path, World], None]  # makes the row's files in its folder (the current folder)
     code: int  # expected exit code; 0: works
     fragment: str  # in the one error: line (or, code 0, in the output)
     names: tuple[str, ...] = ()  # paths or keys the error line must name (placeholders allowed)
     real_process: bool = False  # run as `python -m semodel` in a real process
-    works: str = ""  # code 0: what the README says after "works"
+    works: str = ""  # code 0: what the table says after "works"
 
 
 # ----------------------------------------------------------------------------- files for the rows
@@ -898,7 +898,7 @@ ROWS: list[Row] = [
 
 
 def markdown_table(rows: list[Row] = ROWS) -> str:
-    """The README block: input, command, outcome; one line per row."""
+    """The docs table: input, command, outcome; one line per row."""
 
     def cell(text: str) -> str:
         return text.replace("|", "\\|")
@@ -1045,11 +1045,11 @@ def test_table_covers_the_issue():
     assert any(row.code == 0 and row.id.startswith("format-") for row in ROWS)
 
 
-def test_readme_shows_this_table():
-    text = README.read_text(encoding="utf-8")
-    assert START in text and END in text, "README.md has no bad-input-table markers"
+def test_docs_show_this_table():
+    text = TABLE_PAGE.read_text(encoding="utf-8")
+    assert START in text and END in text, "docs/reliability.md has no bad-input-table markers"
     block = text.split(START, 1)[1].split(END, 1)[0]
-    assert block == "\n" + markdown_table(), "README table is stale: run `python tests/test_bad_inputs.py`"
+    assert block == "\n" + markdown_table(), "the docs table is stale: run `python tests/test_bad_inputs.py`"
 
 
 @pytest.mark.parametrize("name", sorted(FORMATS))
@@ -1098,15 +1098,15 @@ def test_nothing_of_the_earlier_run_changed_byte_for_byte(world, before):
     assert not world.sentinel.exists()
 
 
-# ----------------------------------------------------------------------------- README
+# ----------------------------------------------------------------------------- the docs table
 
 
 def update_readme() -> None:
-    text = README.read_text(encoding="utf-8")
+    text = TABLE_PAGE.read_text(encoding="utf-8")
     head, rest = text.split(START, 1)
     _, tail = rest.split(END, 1)
-    README.write_text(f"{head}{START}\n{markdown_table()}{END}{tail}", encoding="utf-8")
-    print(f"updated the bad-input table in {README} ({len(ROWS)} rows)")
+    TABLE_PAGE.write_text(f"{head}{START}\n{markdown_table()}{END}{tail}", encoding="utf-8")
+    print(f"updated the bad-input table in {TABLE_PAGE} ({len(ROWS)} rows)")
 
 
 if __name__ == "__main__":
