@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from semodel.cache import cached_loaders
     from semodel.data import ImageList, collate_skip_bad, scan_dataset, train_transform
-    from semodel.train import EpochBatchSampler
+    from semodel.loaders import EpochBatchSampler
 
     device = torch.device(args.device)
     cfg = validate(
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     data = scan_dataset(args.data, check=False)
     samples = data.samples[: args.limit] if args.limit else data.samples
-    sampler = EpochBatchSampler(len(samples), args.batch_size, 0, 0, 1, None)
+    sampler = EpochBatchSampler(len(samples), args.batch_size, 0)
     rows = []
 
     class ToDevice:  # the training loop's own transfer, so both pipelines end on the device

@@ -1,3 +1,5 @@
 """semodel: train, evaluate and serve Squeeze-and-Excitation image classifiers."""
 
-__version__ = "0.1.0"
+from semodel._version import __version__
+
+__all__ = ["__version__"]

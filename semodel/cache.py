@@ -29,9 +29,8 @@ import torch
 import torch.nn.functional as F
 
 from semodel.data import Sample, load_rgb
-from semodel.errors import SemodelError
+from semodel.errors import SemodelError, first_line
 
-CHOICES = ("auto", "gpu", "ram", "none")
 FREE_SHARE = 0.25  # auto: the cache may take this share of free GPU memory / available RAM
 
 
@@ -129,7 +128,7 @@ def decode_all(
         try:
             out[i] = decode(Path(root) / samples[i].path, resize, crop).to(device)
         except (OSError, SyntaxError, ValueError) as e:
-            reason = str(e).strip().splitlines()[0][:100] if str(e).strip() else type(e).__name__
+            reason = first_line(e, 100)
             raise SemodelError(
                 f"data.cache: cannot decode {Path(root) / samples[i].path} ({reason}); "
                 "it was readable when the data were checked: was it changed?"
@@ -272,8 +271,9 @@ def cached_loaders(
     train_images = decode_all(root, train, resize, resize, store)
     val_images = decode_all(root, val, resize, cfg.data.image_size, store)
     size = (train_images.numel() + val_images.numel()) / 2**30
+    where = "GPU memory" if kind == "gpu" else "RAM"
     log(
-        f"data.cache: decoded {len(train)} + {len(val)} images once into {'GPU memory' if kind == 'gpu' else 'RAM'} "
+        f"data.cache: decoded {len(train)} + {len(val)} images once into {where} "
         f"({size:.2f} GiB uint8) in {time.time() - t0:.1f}s; augmentation runs per batch on {device}"
     )
     train_labels = torch.tensor([s.label for s in train])

@@ -1,4 +1,5 @@
-"""Self-describing checkpoints: atomic save, safe load, and the model rebuilt from the file alone.
+"""The checkpoint format: built from a training run, restored into one, loaded and checked, and the
+model rebuilt from the file alone.
 
 A checkpoint is a dict of plain tensors, dicts, lists, numbers and strings, so that
 ``torch.load(path, weights_only=True)`` reads it and a file from a stranger cannot run code::
@@ -6,188 +7,151 @@ A checkpoint is a dict of plain tensors, dicts, lists, numbers and strings, so t
     semodel        {"format_version": 1, "version": "0.1.0"}
     config         the resolved experiment config (plain dict)
     classes        class names, index order
-    preprocess     {"image_size", "resize", "mean", "std", "interpolation"}
+    preprocess     {"image_size", "resize", "mean", "std", "interpolation"} (semodel.preprocess)
     model          state_dict (always the plain module: no DDP / compile prefixes)
-    ema            EMA state_dict or None
+    ema            EMA state_dict, or None without train.ema
     epoch          epochs completed
-    best           {"metric", "value", "epoch"}
-    metrics        the validation metrics of this epoch
-    optimizer, scheduler, scaler, rng, run_dir  (for resume; present in last.pt and best.pt)
+    progress       {"epoch", "step_in_epoch", "global_step", "best_value", "best_epoch",
+                   "stale_epochs"}: where the run stands (``Progress``)
+    best           {"metric", "value", "epoch"}: the monitored metric's best so far
+    metrics        the validation metrics of this epoch ({} when saved mid-epoch)
+    history        one {"epoch", "train", "val"} per finished epoch
+    optimizer      optimizer.state_dict()
+    scheduler      the LambdaLR's state_dict()
+    scaler         GradScaler state_dict (fp16), or None
+    rng            rank 0's random streams (semodel.runtime.rng_state)
+    rng_ranks      every rank's streams under DDP, else []
+    world_size     processes that trained it
+    run_dir        the run folder as training saw it (eval uses it to find a relative data root)
+
+``best.pt`` and ``last.pt`` hold the same keys; ``TRAINING_KEYS`` are what resume needs.
 """
 
 from __future__ import annotations
 
-import os
-import pickle
-import tempfile
-import warnings
-import zipfile
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
-from semodel import __version__
-from semodel.errors import SemodelError
+from semodel._version import __version__
+from semodel.errors import SemodelError, first_line
+from semodel.files import is_zip_archive, read_weights_only, save_atomic
+from semodel.runtime import set_rng_state
 
 FORMAT_VERSION = 1
+REQUIRED_KEYS = ("config", "classes", "preprocess", "model")
+TRAINING_KEYS = ("optimizer", "scheduler", "progress", "rng")
+
+
+@dataclass
+class Progress:
+    """Where a training run stands; saved as the checkpoint's ``progress``."""
+
+    epoch: int = 0  # epochs completed
+    step_in_epoch: int = 0  # batches of the current epoch already trained (after an interrupt)
+    global_step: int = 0  # optimizer steps
+    best_value: float | None = None
+    best_epoch: int = 0
+    stale_epochs: int = 0
+
+
+class TrainingRun(Protocol):
+    """What ``training_state`` reads from, and ``restore_training`` writes into (``semodel.train.Run``)."""
+
+    config: dict[str, Any]
+    classes: list[str]
+    preprocess: dict[str, Any]
+    model: nn.Module
+    ema: Any  # torch.optim.swa_utils.AveragedModel or None
+    optimizer: torch.optim.Optimizer
+    scheduler: Any  # torch.optim.lr_scheduler.LambdaLR
+    scaler: Any  # torch.amp.GradScaler
+    progress: Progress
+    history: list[dict[str, Any]]
+    monitor: str
+    run_dir: Path
+
+
+# ----------------------------------------------------------------------------- build and restore
+
+
+def training_state(
+    run: TrainingRun, metrics: dict[str, Any] | None, rngs: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """The checkpoint of ``run`` now; ``rngs``: every rank's random streams, in rank order."""
+    p = run.progress
+    return {
+        "config": run.config,
+        "classes": list(run.classes),
+        "preprocess": run.preprocess,
+        "model": run.model.state_dict(),
+        "ema": run.ema.module.state_dict() if run.ema is not None else None,
+        "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.scheduler.state_dict(),
+        "scaler": run.scaler.state_dict() if run.scaler.is_enabled() else None,
+        "epoch": p.epoch,
+        "progress": asdict(p),
+        "best": {"metric": run.monitor, "value": p.best_value, "epoch": p.best_epoch},
+        "metrics": metrics or {},
+        "history": list(run.history),
+        "rng": rngs[0],
+        "rng_ranks": rngs if len(rngs) > 1 else [],
+        "world_size": len(rngs),
+        "run_dir": str(run.run_dir),
+    }
+
+
+def restore_training(run: TrainingRun, saved: dict[str, Any], rank: int, world_size: int) -> None:
+    """Put a resumed checkpoint's weights, optimizer, schedule, scaler, EMA, progress, history and
+    random streams into ``run``, whose optimizer and schedule were built from the current config."""
+    run.model.load_state_dict(saved["model"])
+    # Keep the optimizer's state (momentum, Adam moments) but this config's hyperparameters,
+    # so that `--set optim.lr=...` on resume takes effect; a stored value would override it.
+    optimizer, scheduler = run.optimizer, run.scheduler
+    configured = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    for group, settings in zip(optimizer.param_groups, configured, strict=True):
+        group.update(settings)
+    scheduler.base_lrs = [settings["initial_lr"] for settings in configured]
+    # The stored lr follows the stored schedule; with `--set train.epochs=...` (or another
+    # schedule) the next step must use this run's schedule at the restored step.
+    schedule = zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True)
+    for group, base_lr, factor in schedule:
+        group["lr"] = base_lr * factor(scheduler.last_epoch)
+    if saved.get("scaler"):
+        run.scaler.load_state_dict(saved["scaler"])
+    if run.ema is not None and saved.get("ema"):
+        run.ema.module.load_state_dict(saved["ema"])
+        run.ema.n_averaged.fill_(max(1, saved["progress"]["global_step"]))
+    run.progress = Progress(**saved["progress"])
+    run.history = list(saved.get("history", []))
+    streams = saved.get("rng_ranks") or [saved["rng"]]
+    set_rng_state(streams[rank] if len(streams) == world_size else streams[0])
 
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
-    """Write ``state`` to ``path`` atomically: a temp file in the same folder, fsync, rename.
-
-    A crash or a full disk while saving leaves the previous file at ``path`` untouched.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    state = {"semodel": {"format_version": FORMAT_VERSION, "version": __version__}, **state}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            out = _WriteErrors(f)
-            try:
-                torch.save(state, out)
-            except RuntimeError:
-                if out.error is None:
-                    raise
-                raise out.error from None  # the OSError (disk full, ...) behind torch's bare RuntimeError
-            f.flush()
-            os.chmod(f.fileno(), 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual mode
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(e, OSError):
-            raise SemodelError(
-                f"could not write checkpoint {path}: {e.strerror or e}; "
-                f"the previous file (if any) is unchanged"
-            ) from None
-        raise
-    _fsync_dir(path.parent)
-    return path
+    """Write ``state`` with the format header, atomically (a failure leaves the old file as it was)."""
+    return save_atomic({"semodel": {"format_version": FORMAT_VERSION, "version": __version__}, **state}, path)
 
 
-def write_text_atomic(path: str | Path, text: str) -> Path:
-    """Write a text file atomically (temp file beside it, then rename): a crash or a full disk
-    never leaves half a file, and the previous one stays until the new one is complete."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise SemodelError(
-            f"could not write {path}: {e.strerror or e}; the previous file (if any) is unchanged"
-        ) from None
-    return path
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-class _WriteErrors:
-    """The file for ``torch.save``, remembering the OSError of a failed write.
-
-    torch's zip writer turns an exception of ``write`` into a RuntimeError that only says
-    "unexpected pos 704 vs 598"; the OSError says what happened (no space left, file too large).
-    """
-
-    def __init__(self, file: Any) -> None:
-        self.file, self.error = file, None
-
-    def write(self, data: bytes) -> int:
-        try:
-            return self.file.write(data)
-        except OSError as e:
-            self.error = e
-            raise
-
-    def flush(self) -> None:
-        self.file.flush()
-
-
-def remove_stale_temp_files(folder: Path) -> int:
-    """Delete the temp files of checkpoint writes that a crash or SIGKILL cut short; their number.
-
-    Only ``save_checkpoint``'s own names (``.last.pt.<random>.tmp``); call it when no other
-    process writes checkpoints into ``folder``.
-    """
-    removed = 0
-    for name in ("last.pt", "best.pt"):
-        for tmp in Path(folder).glob(f".{name}.*.tmp"):
-            tmp.unlink(missing_ok=True)
-            removed += 1
-    return removed
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def torch_load_weights(path: Path, map_location: str | torch.device = "cpu") -> Any:
-    """``torch.load(path, weights_only=True)`` without torch's warnings (several lines on stderr,
-    e.g. about the pickle protocol of a file that it then refuses anyway)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return torch.load(path, map_location=map_location, weights_only=True)
-
-
-def refusal_reason(error: Exception) -> str:
-    """One line for a file that ``weights_only`` refused, naming what it wanted to load.
-
-    torch's message is a paragraph about its defaults; the line that matters names the global,
-    e.g. ``Trying to load unsupported GLOBAL posix.system whose module posix is blocked.``
-    """
-    lines = [line.strip().removeprefix("WeightsUnpickler error:").strip() for line in str(error).splitlines()]
-    lines = [line for line in lines if line]
-    detail = next((line for line in lines if "GLOBAL" in line), None)
-    detail = detail or next((line for line in lines if line.startswith("Unsupported")), None)
-    detail = (detail or (lines[0] if lines else type(error).__name__)).split(" Please use ")[0]
-    return (
-        f"it holds Python objects, not only tensors and plain data (loading it could run code): "
-        f"{detail[:200]}"
-    )
+# ----------------------------------------------------------------------------- load
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load and check a semodel checkpoint with ``weights_only=True``; clear errors otherwise."""
+    """Load and check a semodel checkpoint with ``weights_only=True``; one clear error otherwise."""
     path = Path(path)
     if not path.exists():
         raise SemodelError(f"checkpoint not found: {path}")
     if path.is_dir():
         raise SemodelError(f"{path} is a folder; pass a checkpoint file such as {path / 'best.pt'}")
-    if not zipfile.is_zipfile(path):  # every torch.save since PyTorch 1.6; a plain pickle is not read
+    if not is_zip_archive(path):
         reason = "not a PyTorch zip archive: another kind of file, or truncated"
         raise SemodelError(f"{path}: not a readable checkpoint ({reason})")
-    try:
-        state = torch_load_weights(path, map_location)
-    except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if "weights_only" in str(e) or "Unsupported global" in str(e):
-            raise SemodelError(f"{path}: refused to load: {refusal_reason(e)}") from None
-        raise SemodelError(
-            f"{path}: not a readable checkpoint (corrupt or truncated: {first[:200]})"
-        ) from None
-    except Exception as e:  # any other failure to read the file is about the file
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise SemodelError(
-            f"{path}: not a readable checkpoint (corrupt or truncated: {first[:200]})"
-        ) from None
+    state = read_weights_only(path, "checkpoint", map_location)
     if not isinstance(state, dict) or not isinstance(state.get("semodel"), dict):
         raise SemodelError(
             f"{path}: not a semodel checkpoint (no 'semodel' header; made by another program?)"
@@ -197,10 +161,21 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise SemodelError(
             f"{path}: checkpoint format {version} is not supported (this semodel reads {FORMAT_VERSION})"
         )
-    missing = [k for k in ("config", "classes", "preprocess", "model") if k not in state]
+    missing = [k for k in REQUIRED_KEYS if k not in state]
     if missing:
         raise SemodelError(f"{path}: incomplete semodel checkpoint (missing {', '.join(missing)})")
     return state
+
+
+def load_resumable(path: str | Path) -> dict[str, Any]:
+    """``load_checkpoint`` for ``train --resume``: the file must hold the training state too."""
+    state = load_checkpoint(path)
+    if any(key not in state for key in TRAINING_KEYS):
+        raise SemodelError(f"{path}: has no training state to resume from")
+    return state
+
+
+# ----------------------------------------------------------------------------- the model
 
 
 def model_options(config: dict[str, Any]) -> dict[str, Any]:
@@ -228,6 +203,6 @@ def build_from_checkpoint(
     try:
         model.load_state_dict(weights)
     except RuntimeError as e:
-        raise SemodelError(f"{source}: weights do not fit {name}: {str(e).splitlines()[0]}") from None
+        raise SemodelError(f"{source}: weights do not fit {name}: {first_line(e)}") from None
     prune_attention(model)  # learned SE widths: drop the closed units (same outputs, fewer parameters)
     return model.eval()

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import typer
 
-from semodel import __version__
-from semodel.errors import SemodelError
+from semodel._version import __version__
+from semodel.errors import Interrupted, SemodelError
 
 app = typer.Typer(
     name="semodel",
@@ -206,9 +206,9 @@ def eval_cmd(
     workers: int | None = typer.Option(None, "--workers", help="Data loader processes (default: by device)."),
 ) -> None:
     """Metrics of a checkpoint: accuracy, per-class P/R/F1, confusion matrix, ROC-AUC, top-k."""
-    from semodel.evaluate import eval_from_cli
+    from semodel.evaluate import EvalOptions, eval_from_cli
 
-    eval_from_cli(checkpoint, data, split, output, plot, ema, tta, device, batch_size, workers)
+    eval_from_cli(checkpoint, data, EvalOptions(split, device, batch_size, ema, tta, workers), output, plot)
 
 
 @app.command("inspect")
@@ -233,12 +233,11 @@ def inspect_cmd(
 ) -> None:
     """What the attention does: mean excitation per channel and class at every stage, learned SE
     widths, and a Grad-CAM grid; PNGs and inspect.json in --out."""
-    from semodel.inspection import inspect_checkpoint
+    from semodel.inspection import InspectOptions, inspect_checkpoint
 
     names = [s.strip() for s in sites.split(",") if s.strip()] if sites else None
-    inspect_checkpoint(
-        checkpoint, data, out, per_class, cams, names, device, ema, batch_size, tensorboard, seed
-    )
+    options = InspectOptions(per_class, cams, names, device, ema, batch_size, tensorboard, seed)
+    inspect_checkpoint(checkpoint, data, out, options)
 
 
 @app.command("predict")
@@ -261,9 +260,9 @@ def predict_cmd(
     ema: bool = typer.Option(False, "--ema", help="Use the EMA weights."),
 ) -> None:
     """Top-k classes and probabilities per image; exit code 1 if any input could not be read."""
-    from semodel.predict import predict_from_cli
+    from semodel.predict import PredictOptions, predict_from_cli
 
-    code = predict_from_cli(images, checkpoint, topk, fmt, batch_size, device, cam, ema)
+    code = predict_from_cli(images, checkpoint, PredictOptions(topk, fmt, batch_size, device, cam, ema))
     if code:
         raise typer.Exit(code)
 
@@ -298,6 +297,10 @@ def main() -> None:
     except SemodelError as e:
         typer.echo(f"error: {_process_name()}{e}", err=True)
         sys.exit(2)
+    except Interrupted as e:  # the command stopped cleanly and said what it kept
+        if str(e):
+            typer.echo(str(e), err=True)
+        sys.exit(130)
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         sys.exit(130)

@@ -15,7 +15,8 @@ from typing import Any, Literal, Union, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from semodel.errors import SemodelError
+from semodel.errors import SemodelError, first_line
+from semodel.files import write_text_atomic
 from semodel.models import MODEL_NAMES
 
 ModelName = Literal[MODEL_NAMES]  # type: ignore[valid-type]
@@ -143,8 +144,8 @@ class DataConfig(Section):
     num_workers: int | Literal["auto"] = "auto"
     cache: Literal["auto", "gpu", "ram", "none"] = Field(
         "none",
-        description="decode every image once and keep it (uint8) on the GPU or in RAM; augment per batch on the "
-        "device (auto: gpu, else ram, where it fits in a quarter of what is free)",
+        description="decode every image once and keep it (uint8) on the GPU or in RAM; augment per batch on "
+        "the device (auto: gpu, else ram, where it fits in a quarter of what is free)",
     )
     balance: Literal["none", "sampler", "loss"] = "none"
     mixup: float = Field(0.0, ge=0, description="mixup alpha (0 = off)")
@@ -336,7 +337,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        problem = getattr(e, "problem", None) or first_line(e)
         raise SemodelError(f"{file}: malformed YAML{where}: {problem}") from None
     except UnicodeDecodeError:
         raise SemodelError(f"{file}: not a text file (cannot decode as UTF-8)") from None
@@ -437,6 +438,4 @@ def dump_yaml(config: Config) -> str:
 
 def write_yaml(config: Config, path: Path) -> None:
     """Write atomically: a crash mid-write never leaves half a config."""
-    from semodel.checkpoint import write_text_atomic
-
     write_text_atomic(path, dump_yaml(config))

@@ -21,19 +21,17 @@ last.pt, and starts the others.
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 import random
 import re
 import shutil
 import statistics
 from collections import Counter, defaultdict
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from semodel.checkpoint import load_checkpoint, write_text_atomic
+from semodel.checkpoint import load_resumable
 from semodel.config import (
     Config,
     apply_overrides,
@@ -49,11 +47,17 @@ from semodel.data import (
     assign_splits,
     group_of,
     has_presplit,
+    majority_label,
     make_synthetic_if_missing,
+    read_sample_csv,
     report_bad_files,
     scan_dataset,
+    write_sample_csv,
 )
-from semodel.errors import SemodelError
+from semodel.errors import Interrupted, SemodelError
+from semodel.files import numbered, read_json, run_name, write_json
+from semodel.runlog import log_line, quiet
+from semodel.tables import align, metric
 
 Log = Callable[[str], None]
 
@@ -68,10 +72,6 @@ METRICS = (
 # Keys that say how to run, not what: they may change when a cross-validation continues.
 # (cv.weights: the finished folds are then tested again with the other weights, not retrained.)
 CHANGEABLE = ("cv.weights", "train.device", "data.num_workers")
-
-
-def log_line(message: str) -> None:
-    print(message, flush=True)
 
 
 # ----------------------------------------------------------------------------- folds
@@ -90,7 +90,7 @@ def make_folds(samples: list[Sample], classes: list[str], k: int, seed: int, why
         members[s.group].append(s)
     by_class: dict[int, list[str]] = defaultdict(list)
     for group, files in sorted(members.items()):
-        by_class[Counter(s.label for s in files).most_common(1)[0][0]].append(group)
+        by_class[majority_label(files)].append(group)
     for label, name in enumerate(classes):
         n = len(by_class[label])
         if n < k:
@@ -119,30 +119,19 @@ def make_folds(samples: list[Sample], classes: list[str], k: int, seed: int, why
 
 
 def write_folds_csv(path: Path, assigned: list[tuple[int, Sample]], classes: list[str]) -> None:
-    text = io.StringIO(newline="")
-    w = csv.writer(text)
-    w.writerow(["fold", "class", "group", "path"])
-    for fold, s in assigned:
-        w.writerow([fold, classes[s.label], s.group, s.path])
-    write_text_atomic(path, text.getvalue())
+    write_sample_csv(path, "fold", assigned, classes)
 
 
 def read_folds_csv(path: Path, classes: list[str], k: int) -> list[tuple[int, Sample]]:
-    index = {c: i for i, c in enumerate(classes)}
     assigned = []
-    try:
-        with open(path, newline="", encoding="utf-8") as f:
-            for row in csv.DictReader(f):
-                if row["class"] not in index:
-                    raise SemodelError(f"{path}: class '{row['class']}' is not a class folder of the data")
-                fold = int(row["fold"])
-                if not 1 <= fold <= k:
-                    raise SemodelError(f"{path}: fold {fold} of {row['path']} is not in 1..{k}")
-                assigned.append((fold, Sample(row["path"], index[row["class"]], "", row["group"])))
-    except (KeyError, ValueError, csv.Error) as e:
-        raise SemodelError(f"{path}: not a semodel folds file ({e})") from None
-    except OSError as e:
-        raise SemodelError(f"{path}: cannot read ({e.strerror or e})") from None
+    for fold_text, s in read_sample_csv(path, "fold", classes):
+        try:
+            fold = int(fold_text)
+        except ValueError:
+            raise SemodelError(f"{path}: fold {fold_text!r} of {s.path} is not a number") from None
+        if not 1 <= fold <= k:
+            raise SemodelError(f"{path}: fold {fold} of {s.path} is not in 1..{k}")
+        assigned.append((fold, s))
     return assigned
 
 
@@ -233,71 +222,72 @@ def weights_of(choice: str, ema_trained: bool) -> tuple[str, bool]:
     return "last.pt", choice == "ema"
 
 
-def train_fold(
-    cfg: Config, cv_dir: Path, fold: int, run_samples: list[Sample], quiet: bool, log: Log
-) -> None:
-    from semodel.train import fit
+@dataclass
+class CrossValidation:
+    """One cross-validation: its config and folder, the images with their folds, how to report."""
 
-    fold_dir = cv_dir / f"fold-{fold}"
-    fold_cfg = fold_config(cfg, cv_dir, fold)
+    cfg: Config
+    cv_dir: Path
+    root: Path
+    classes: list[str]
+    assigned: list[tuple[int, Sample]]  # (fold, image) for every image of data.root
+    copies: dict[str, list[Sample]] | None  # cv.augmented: original path -> its copies
+    quiet: bool = False
+    log: Log = log_line
+
+
+def train_fold(cv: CrossValidation, fold: int, run_samples: list[Sample]) -> None:
+    from semodel.train import Resume, fit
+
+    fold_dir = cv.cv_dir / f"fold-{fold}"
+    fold_cfg = fold_config(cv.cfg, cv.cv_dir, fold)
     last = fold_dir / "last.pt"
     try:
         if last.exists():
             try:
-                resumed = load_checkpoint(last)
+                resume = Resume(last, load_resumable(last))
             except SemodelError as e:
                 raise SemodelError(f"{e}; delete {fold_dir} to train fold {fold} again") from None
-            fit(fold_cfg, None, last, quiet, log, resumed=resumed)
+            fit(fold_cfg, resume=resume, quiet=cv.quiet, log=cv.log)
         else:
             if fold_dir.exists():
                 shutil.rmtree(fold_dir)  # started, but no epoch finished: start it again
-            fit(fold_cfg, None, None, quiet, log, split=run_samples)
+            fit(fold_cfg, quiet=cv.quiet, log=cv.log, split=run_samples)
     except SemodelError as e:
         raise SemodelError(f"fold {fold}: {e}") from None
-    except SystemExit:  # Ctrl-C: fit saved last.pt
-        log(f"continue the cross-validation with: semodel cv --resume {cv_dir}")
+    except Interrupted:  # Ctrl-C: fit saved last.pt
+        cv.log(f"continue the cross-validation with: semodel cv --resume {cv.cv_dir}")
         raise
 
 
-def evaluate_fold(cfg: Config, cv_dir: Path, fold: int, root: Path, test: list[Sample]) -> dict[str, Any]:
+def evaluate_fold(cv: CrossValidation, fold: int, test: list[Sample]) -> dict[str, Any]:
     """The chosen weights of the fold's run on the fold's test images (semodel eval's code)."""
-    from semodel.evaluate import EvalSet, evaluate_checkpoint
+    from semodel.evaluate import EvalOptions, EvalSet, evaluate_checkpoint
 
+    cfg = cv.cfg
     file, use_ema = weights_of(cfg.cv.weights, cfg.train.ema)
-    images = EvalSet(root, test, "test", f"fold {fold} of {cv_dir / 'folds.csv'}")
+    images = EvalSet(cv.root, test, "test", f"fold {fold} of {cv.cv_dir / 'folds.csv'}")
     workers = cfg.data.num_workers if isinstance(cfg.data.num_workers, int) else None
+    options = EvalOptions(
+        device=cfg.train.device, batch_size=cfg.data.batch_size * 2, use_ema=use_ema, workers=workers
+    )
     try:
         result = evaluate_checkpoint(
-            cv_dir / f"fold-{fold}" / file,
-            device=cfg.train.device,
-            batch_size=cfg.data.batch_size * 2,
-            use_ema=use_ema,
-            workers=workers,
-            log=lambda message: None,
-            images=images,
+            cv.cv_dir / f"fold-{fold}" / file, options=options, images=images, log=quiet
         )
     except SemodelError as e:
         raise SemodelError(f"fold {fold}: {e}") from None
     return {"fold": fold, "choice": cfg.cv.weights, **result.report}
 
 
-def run_fold(
-    cfg: Config,
-    cv_dir: Path,
-    fold: int,
-    root: Path,
-    assigned: list[tuple[int, Sample]],
-    copies: dict[str, list[Sample]] | None,
-    classes: list[str],
-    quiet: bool,
-    log: Log,
-) -> dict[str, Any]:
-    k, choice = cfg.cv.folds, cfg.cv.weights
-    fold_dir = cv_dir / f"fold-{fold}"
+def run_fold(cv: CrossValidation, fold: int) -> dict[str, Any]:
+    """Train (or continue) fold ``fold`` and test it, unless that was done earlier; its test report."""
+    k, choice, log = cv.cfg.cv.folds, cv.cfg.cv.weights, cv.log
+    fold_dir = cv.cv_dir / f"fold-{fold}"
     result_file = fold_dir / "test_metrics.json"
-    run_samples, test = fold_samples(fold, assigned, copies, cfg, classes)
+    run_samples, test = fold_samples(fold, cv.assigned, cv.copies, cv.cfg, cv.classes)
     if result_file.exists():
-        done = read_json(result_file)
+        done = read_fold_result(result_file)
         if done.get("choice") == choice:
             log(f"fold {fold}/{k}: finished earlier ({result_file}); skipped")
             return done
@@ -308,32 +298,41 @@ def run_fold(
     elif (fold_dir / "metrics.json").exists():
         log(f"fold {fold}/{k}: trained earlier; testing it")
     else:
-        counts = Counter(s.split for s in run_samples)
-        groups = {name: len({s.group for s in run_samples if s.split == name}) for name in ("train", "val")}
-        what = "copies" if copies is not None else "images"
-        state = "continuing from last.pt" if (fold_dir / "last.pt").exists() else "training"
-        log(
-            f"fold {fold}/{k}: {state}: train {counts['train']} / val {counts['val']} {what} "
-            f"({groups['train']} / {groups['val']} groups), test {len(test)} images "
-            f"({len({s.group for s in test})} groups) -> {fold_dir}"
-        )
-        train_fold(cfg, cv_dir, fold, run_samples, quiet, log)
-    report = evaluate_fold(cfg, cv_dir, fold, root, test)
-    write_text_atomic(result_file, json.dumps(report, indent=2) + "\n")
+        log(fold_plan(cv, fold, run_samples, test))
+        train_fold(cv, fold, run_samples)
+    report = evaluate_fold(cv, fold, test)
+    write_json(result_file, report)
     m = report["metrics"]
     log(
         f"fold {fold}/{k} done: "
-        + "  ".join(f"{title} {_number(m.get(key))}" for key, title in METRICS)
+        + "  ".join(f"{title} {metric(m.get(key))}" for key, title in METRICS)
         + f"  ({_weights_label(report)}, epoch {report['epoch']}, {m['n']} test images)"
     )
     return report
 
 
+def fold_plan(cv: CrossValidation, fold: int, run_samples: list[Sample], test: list[Sample]) -> str:
+    """The line that says what fold ``fold`` trains, validates and tests on."""
+    fold_dir = cv.cv_dir / f"fold-{fold}"
+    counts = Counter(s.split for s in run_samples)
+    groups = {name: len({s.group for s in run_samples if s.split == name}) for name in ("train", "val")}
+    what = "copies" if cv.copies is not None else "images"
+    state = "continuing from last.pt" if (fold_dir / "last.pt").exists() else "training"
+    return (
+        f"fold {fold}/{cv.cfg.cv.folds}: {state}: train {counts['train']} / val {counts['val']} {what} "
+        f"({groups['train']} / {groups['val']} groups), test {len(test)} images "
+        f"({len({s.group for s in test})} groups) -> {fold_dir}"
+    )
+
+
+def read_fold_result(path: Path) -> dict[str, Any]:
+    try:
+        return read_json(path)
+    except SemodelError as e:
+        raise SemodelError(f"{e}; delete it to test that fold again") from None
+
+
 # ----------------------------------------------------------------------------- summary
-
-
-def _number(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.4f}"
 
 
 def _weights_label(report: dict[str, Any]) -> str:
@@ -376,19 +375,17 @@ def summarize(cfg: Config, reports: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def format_summary(summary: dict[str, Any]) -> list[str]:
-    from semodel.evaluate import _table
-
     titles = [title for _, title in METRICS]
     rows = [["fold", "images", *titles, "weights", "epoch"]]
     for f in summary["per_fold"]:
         label = Path(f["checkpoint"]).name + (" ema" if f["ema"] else "")
-        values = [_number(f[key]) for key, _ in METRICS]
+        values = [metric(f[key]) for key, _ in METRICS]
         rows.append([str(f["fold"]), str(f["n"]), *values, label, str(f["epoch"])])
-    spread = [f"{_number(summary['mean'][key])} +- {_number(summary['std'][key])}" for key, _ in METRICS]
+    spread = [f"{metric(summary['mean'][key])} +- {metric(summary['std'][key])}" for key, _ in METRICS]
     rows.append(["mean +- std", str(summary["n"]), *spread, "", ""])
     folds = len(summary["per_fold"])
     note = f"(std: the sample standard deviation over the {folds} folds, n - 1 in the denominator)"
-    return _table(rows) + [note]
+    return align(rows) + [note]
 
 
 # ----------------------------------------------------------------------------- the cross-validation
@@ -421,10 +418,10 @@ def differences(a: Config, b: Config) -> list[str]:
 def find_cv_dir(cfg: Config, config_path: Path | None, log: Log) -> Path:
     """runs/<name>: the first of <name>, <name>-2, ... that holds this cross-validation (to continue
     it) or does not exist yet. A folder with another run or another config is left alone."""
-    name = cfg.log.name or (config_path.stem if config_path else "cv")
     base = Path(cfg.log.out_dir).expanduser()
-    candidate, n = base / name, 1
-    while candidate.exists():
+    for candidate in numbered(base, run_name(cfg.log.name, config_path, "cv")):
+        if not candidate.exists():
+            return candidate
         if is_cv_dir(candidate):
             changed = [key for key in differences(stored_config(candidate), cfg) if key not in CHANGEABLE]
             if not changed:
@@ -434,9 +431,7 @@ def find_cv_dir(cfg: Config, config_path: Path | None, log: Log) -> Path:
                 f"note: {candidate} holds a cross-validation with another config (differs in {shown}); "
                 "not continued"
             )
-        n += 1
-        candidate = base / f"{name}-{n}"
-    return candidate
+    raise AssertionError("unreachable")  # numbered() never ends
 
 
 def check_inputs(cfg: Config) -> None:
@@ -521,7 +516,6 @@ def load_folds(cfg: Config, cv_dir: Path, log: Log) -> tuple[Path, list[str], li
 def cross_validate(cfg: Config, cv_dir: Path, quiet: bool = False, log: Log | None = None) -> dict[str, Any]:
     """Run (or continue) the cross-validation of ``cfg`` in ``cv_dir``; returns cv.json's content."""
     log = log or log_line
-    k = cfg.cv.folds
     check_inputs(cfg)
     make_synthetic_if_missing(cfg, log)
     root, classes, assigned, existing = load_folds(cfg, cv_dir, log)
@@ -529,6 +523,25 @@ def cross_validate(cfg: Config, cv_dir: Path, quiet: bool = False, log: Log | No
     if cfg.cv.augmented is not None:
         augmented = scan_dataset(Path(cfg.cv.augmented).expanduser(), check=False)
         copies = match_copies([s for _, s in assigned], augmented, classes, root)
+    cv = CrossValidation(cfg, cv_dir, root, classes, assigned, copies, quiet, log)
+    describe(cv, existing)
+    if not existing:
+        cv_dir.mkdir(parents=True, exist_ok=True)
+        write_folds_csv(cv_dir / "folds.csv", assigned, classes)
+    write_yaml(cfg, cv_dir / "config.yaml")  # after folds.csv: a folder with both is a cross-validation
+
+    reports = [run_fold(cv, fold) for fold in range(1, cfg.cv.folds + 1)]
+    summary = summarize(cfg, reports)
+    write_json(cv_dir / "cv.json", summary)
+    for line in format_summary(summary):
+        log(line)
+    log(f"wrote {cv_dir / 'cv.json'}")
+    return summary
+
+
+def describe(cv: CrossValidation, existing: bool) -> None:
+    """The notes and the plan of a cross-validation, before its first fold."""
+    cfg, assigned, copies, log = cv.cfg, cv.assigned, cv.copies, cv.log
     note = group_note([s for _, s in assigned], cfg, copies is not None)
     if note:
         log(note)
@@ -542,34 +555,14 @@ def cross_validate(cfg: Config, cv_dir: Path, quiet: bool = False, log: Log | No
             "copies and test on the originals"
             + (f" ({without} image(s) without a copy are only tested)" if without else "")
         )
+    k = cfg.cv.folds
     sizes = Counter(f for f, _ in assigned)
     groups = len({s.group for _, s in assigned})
     per_fold = " / ".join(str(sizes[f]) for f in range(1, k + 1))
     log(
-        f"cross-validation: {k} folds of {root} ({len(assigned)} images, {groups} groups; test images per "
-        f"fold {per_fold}), weights: {cfg.cv.weights} -> {cv_dir}" + (" (continuing)" if existing else "")
+        f"cross-validation: {k} folds of {cv.root} ({len(assigned)} images, {groups} groups; test images per "
+        f"fold {per_fold}), weights: {cfg.cv.weights} -> {cv.cv_dir}" + (" (continuing)" if existing else "")
     )
-    if not existing:
-        cv_dir.mkdir(parents=True, exist_ok=True)
-        write_folds_csv(cv_dir / "folds.csv", assigned, classes)
-    write_yaml(cfg, cv_dir / "config.yaml")  # after folds.csv: a folder with both is a cross-validation
-
-    reports = [
-        run_fold(cfg, cv_dir, fold, root, assigned, copies, classes, quiet, log) for fold in range(1, k + 1)
-    ]
-    summary = summarize(cfg, reports)
-    write_text_atomic(cv_dir / "cv.json", json.dumps(summary, indent=2) + "\n")
-    for line in format_summary(summary):
-        log(line)
-    log(f"wrote {cv_dir / 'cv.json'}")
-    return summary
-
-
-def read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise SemodelError(f"{path}: not readable ({e}); delete it to test that fold again") from None
 
 
 def resume_dir(path: Path) -> Path:

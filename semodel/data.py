@@ -19,7 +19,8 @@ from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
-from semodel.errors import SemodelError
+from semodel.errors import SemodelError, first_line
+from semodel.files import write_text_atomic
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 SPLITS = ("train", "val", "test")
@@ -41,6 +42,7 @@ class Dataset:
     classes: list[str]
     samples: list[Sample]
     bad_files: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+    split_file: Path | None = None  # the split.csv its split was read from (a resumed run)
 
     def split(self, name: str) -> list[Sample]:
         return [s for s in self.samples if s.split == name]
@@ -94,6 +96,25 @@ def load_rgb(path: str | Path) -> Image.Image:
         return img.convert("RGB")
 
 
+def read_image(path: Path) -> Image.Image:
+    """``load_rgb`` with the reason a file cannot be used as one short SemodelError."""
+    try:
+        return load_rgb(path)
+    except FileNotFoundError:
+        reason = "file not found"
+    except IsADirectoryError:
+        reason = "is a folder"
+    except PermissionError:
+        reason = "permission denied"
+    except UnidentifiedImageError:
+        reason = "not an image (unknown file format)"
+    except Image.DecompressionBombError:
+        reason = "too many pixels (decompression bomb guard)"
+    except (OSError, SyntaxError, ValueError) as e:
+        reason = f"corrupt image ({first_line(e, 100)})"
+    raise SemodelError(reason)
+
+
 def check_image(path: Path) -> str | None:
     """None if the file decodes as an image, else the reason it does not."""
     try:
@@ -106,13 +127,13 @@ def check_image(path: Path) -> str | None:
     except UnidentifiedImageError:
         return "not an image"
     except (OSError, SyntaxError, ValueError) as e:
-        return f"cannot decode ({str(e).splitlines()[0][:80]})"
+        return f"cannot decode ({first_line(e, 80)})"
 
 
 def find_bad_files(root: Path, paths: Sequence[str], workers: int = 4) -> list[tuple[str, str]]:
     with ThreadPoolExecutor(max_workers=workers) as pool:
         reasons = list(pool.map(lambda p: check_image(root / p), paths))
-    return [(p, r) for p, r in zip(paths, reasons) if r is not None]
+    return [(p, r) for p, r in zip(paths, reasons, strict=True) if r is not None]
 
 
 # ----------------------------------------------------------------------------- scanning
@@ -226,6 +247,11 @@ def group_of(path: str, pattern: re.Pattern[str] | None) -> str:
     return m.group(1) if m.groups() else m.group(0)
 
 
+def majority_label(members: Iterable[Sample]) -> int:
+    """The class a group belongs to: the one most of its files have."""
+    return Counter(m.label for m in members).most_common(1)[0][0]
+
+
 def assign_splits(
     samples: list[Sample], num_classes: int, val: float, test: float, seed: int, group_by: str | None
 ) -> list[Sample]:
@@ -242,8 +268,7 @@ def assign_splits(
         groups[s.group].append(s)
     by_class: dict[int, list[str]] = defaultdict(list)
     for g, members in sorted(groups.items()):
-        label = Counter(m.label for m in members).most_common(1)[0][0]
-        by_class[label].append(g)
+        by_class[majority_label(members)].append(g)
     rng = random.Random(seed)
     for label in range(num_classes):
         names = by_class[label]
@@ -271,36 +296,54 @@ def assign_splits(
 def check_splits(data: Dataset, names: Iterable[str]) -> None:
     for name in names:
         counts = data.counts(name)
-        missing = [c for c, n in zip(data.classes, counts) if n == 0]
+        missing = [c for c, n in zip(data.classes, counts, strict=True) if n == 0]
         if missing:
             raise SemodelError(
                 f"{data.root}: the {name} split has no image of class(es) {', '.join(missing)}; "
-                f"add images, raise data.split.{name if name != 'train' else 'val'}, or change data.split.seed"
+                f"add images, raise data.split.{name if name != 'train' else 'val'}, "
+                "or change data.split.seed"
             )
 
 
-def write_split_csv(data: Dataset, path: Path) -> None:
-    from semodel.checkpoint import write_text_atomic
-
+def write_sample_csv(path: Path, key: str, rows: Iterable[tuple[Any, Sample]], classes: list[str]) -> None:
+    """A file list as CSV with columns ``key`` (split or fold), class, group, path (atomically)."""
     text = io.StringIO(newline="")
     w = csv.writer(text)
-    w.writerow(["split", "class", "group", "path"])
-    for s in data.samples:
-        w.writerow([s.split, data.classes[s.label], s.group, s.path])
+    w.writerow([key, "class", "group", "path"])
+    for value, s in rows:
+        w.writerow([value, classes[s.label], s.group, s.path])
     write_text_atomic(path, text.getvalue())
 
 
-def read_split_csv(path: Path, root: Path, classes: list[str]) -> list[Sample]:
+def read_sample_csv(path: Path, key: str, classes: list[str]) -> list[tuple[str, Sample]]:
+    """``(key value, sample)`` per row of a file written by ``write_sample_csv``; labels in the order
+    of ``classes``."""
     index = {c: i for i, c in enumerate(classes)}
-    samples = []
+    rows = []
     try:
         with open(path, newline="", encoding="utf-8") as f:
             for row in csv.DictReader(f):
                 if row["class"] not in index:
-                    raise SemodelError(f"{path}: class '{row['class']}' is not one of the run's classes")
-                samples.append(Sample(row["path"], index[row["class"]], row["split"], row.get("group", "")))
+                    raise SemodelError(
+                        f"{path}: class '{row['class']}' is not one of the classes {', '.join(classes)}"
+                    )
+                rows.append((row[key], Sample(row["path"], index[row["class"]], "", row.get("group") or "")))
     except (KeyError, csv.Error) as e:
-        raise SemodelError(f"{path}: not a semodel split file ({e})") from None
+        raise SemodelError(f"{path}: not a semodel {key} file (no column {first_line(e)})") from None
+    except OSError as e:
+        raise SemodelError(f"{path}: cannot read ({e.strerror or e})") from None
+    return rows
+
+
+def write_split_csv(data: Dataset, path: Path) -> None:
+    write_sample_csv(path, "split", ((s.split, s) for s in data.samples), data.classes)
+
+
+def read_split_csv(path: Path, classes: list[str]) -> list[Sample]:
+    samples = []
+    for split, s in read_sample_csv(path, "split", classes):
+        s.split = split
+        samples.append(s)
     return samples
 
 
@@ -326,25 +369,26 @@ def make_synthetic_if_missing(cfg: Any, log: Callable[[str], None] = print) -> N
 
 def prepare_dataset(
     cfg: Any,
-    run_dir: Path,
-    resume: bool = False,
-    log: Callable[[str], None] = print,
+    split_file: Path | None = None,
     classes: list[str] | None = None,
     split: list[Sample] | None = None,
+    log: Callable[[str], None] = print,
 ) -> Dataset:
-    """Scan, check and split ``cfg.data.root``; write (or, on resume, reuse) ``run_dir/split.csv``.
+    """Scan, check and split ``cfg.data.root``; nothing is written but a missing synthetic dataset.
 
+    ``split_file``: the ``split.csv`` of the run being resumed; where it exists its split is
+    reused (``Dataset.split_file`` then names it), else the data is split anew.
     ``classes``: the classes of the run being resumed, which the data must have.
     ``split``: the files to use and their splits, chosen by the caller (``semodel cv``: one fold),
     instead of splitting ``data.root``; paths relative to it, labels in its class order.
     """
     root = Path(cfg.data.root).expanduser()
     make_synthetic_if_missing(cfg, log)
-    split_file = run_dir / "split.csv"
-    if resume and split_file.exists():
+    if split_file is not None and split_file.exists():
         data = scan_dataset(root, check=False)
         check_classes(data, classes)
-        data.samples = read_split_csv(split_file, root, data.classes)
+        data.samples = read_split_csv(split_file, data.classes)
+        data.split_file = split_file
         gone = [s for s in data.samples if not (root / s.path).is_file()]
         if gone:
             log(f"warning: {len(gone)} file(s) of split.csv are gone from {root}; they are skipped")
@@ -366,23 +410,10 @@ def prepare_dataset(
         assign_splits(data.samples, len(data.classes), sp.val, sp.test, sp.seed, sp.group_by)
     names = ["train", "val"] + (["test"] if any(s.split == "test" for s in data.samples) else [])
     check_splits(data, names)
-    write_split_csv(data, split_file)
     return data
 
 
 # ----------------------------------------------------------------------------- transforms
-
-
-def preprocess_of(cfg: Any) -> dict[str, Any]:
-    """What inference needs to prepare an image like evaluation did; stored in checkpoints."""
-    size = cfg.data.image_size
-    return {
-        "image_size": size,
-        "resize": int(round(size / cfg.data.crop_ratio)),
-        "mean": list(cfg.data.mean),
-        "std": list(cfg.data.std),
-        "interpolation": "bilinear",
-    }
 
 
 def eval_transform(preprocess: dict[str, Any]):
@@ -445,7 +476,7 @@ class ImageList:
         try:
             image = load_rgb(self.root / path)
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-            print(f"warning: skipping {self.root / path}: {str(e).splitlines()[0][:100]}", file=sys.stderr)
+            print(f"warning: skipping {self.root / path}: {first_line(e, 100)}", file=sys.stderr)
             return None
         return self.transform(image), label
 

@@ -28,7 +28,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from semodel.errors import SemodelError
+from semodel._version import __version__
+from semodel.errors import SemodelError, first_line
 
 FORMATS = ("onnx", "torchscript")
 SUFFIX = {"onnx": ".onnx", "torchscript": ".torchscript.pt"}
@@ -50,8 +51,6 @@ class ExportResult:
 
 def export_metadata(state: dict[str, Any], weights: str) -> dict[str, str]:
     """String key/values for the exported file: what a consumer needs to prepare inputs and name outputs."""
-    from semodel import __version__
-
     p = state["preprocess"]
     return {
         "classes": json.dumps(list(state["classes"])),
@@ -91,6 +90,21 @@ def _quiet() -> Iterator[None]:
 # ----------------------------------------------------------------------------- ONNX
 
 
+def _ort_errors() -> tuple[type[Exception], ...]:
+    """What onnxruntime raises for a model it cannot load or run (its own types, not RuntimeError)."""
+    from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
+
+    names = (
+        "Fail",
+        "InvalidArgument",
+        "InvalidGraph",
+        "InvalidProtobuf",
+        "NotImplemented",
+        "RuntimeException",
+    )
+    return tuple(getattr(ort_state, name) for name in names if hasattr(ort_state, name))
+
+
 def _import_onnx():
     try:
         import onnx
@@ -104,8 +118,7 @@ def _import_onnx():
 
 
 def _failure(what: str, e: Exception) -> SemodelError:
-    first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
-    return SemodelError(f"{what}: {type(e).__name__}: {first}")
+    return SemodelError(f"{what}: {type(e).__name__}: {first_line(e, 300)}")
 
 
 def write_onnx(
@@ -129,7 +142,7 @@ def write_onnx(
                 verbose=False,
                 **kwargs,
             )
-    except Exception as e:  # the exporter raises many types; name the failure in one line
+    except (torch.onnx.errors.OnnxExporterError, OSError) as e:  # the exporter's own report of a failure
         raise _failure("ONNX export failed", e) from None
     proto = onnx.load(str(path))
     keep = [p for p in proto.metadata_props if p.key not in metadata]
@@ -151,11 +164,6 @@ def run_onnx(path: Path, x: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(logits)
 
 
-def read_onnx_metadata(path: Path) -> dict[str, str]:
-    onnx, _ = _import_onnx()
-    return {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
-
-
 # ----------------------------------------------------------------------------- TorchScript
 
 
@@ -164,7 +172,7 @@ def write_torchscript(model: nn.Module, example: torch.Tensor, path: Path, metad
         with _quiet(), torch.no_grad():
             traced = torch.jit.trace(model, example, check_trace=False)
             torch.jit.save(traced, str(path), _extra_files={"semodel.json": json.dumps(metadata)})
-    except Exception as e:
+    except (RuntimeError, OSError) as e:  # the tracer reports what it cannot trace as RuntimeError
         raise _failure("TorchScript export failed", e) from None
 
 
@@ -173,15 +181,7 @@ def run_torchscript(path: Path, x: torch.Tensor) -> torch.Tensor:
         return torch.jit.load(str(path), map_location="cpu")(x)
 
 
-def read_torchscript_metadata(path: Path) -> dict[str, str]:
-    extra = {"semodel.json": ""}
-    with _quiet():
-        torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
-    return json.loads(extra["semodel.json"])
-
-
 RUNNERS = {"onnx": run_onnx, "torchscript": run_torchscript}
-READERS = {"onnx": read_onnx_metadata, "torchscript": read_torchscript_metadata}
 
 
 # ----------------------------------------------------------------------------- command
@@ -196,8 +196,7 @@ def export_checkpoint(
     opset: int | None = None,
 ) -> ExportResult:
     """Export, run the exported file on a sample batch, compare with PyTorch, then move it into place."""
-    from semodel.checkpoint import build_from_checkpoint
-    from semodel.predict import open_checkpoint
+    from semodel.checkpoint import build_from_checkpoint, load_checkpoint
 
     if fmt not in FORMATS:
         raise SemodelError(f"--format {fmt!r}: use one of {', '.join(FORMATS)}")
@@ -206,7 +205,7 @@ def export_checkpoint(
     checkpoint = Path(checkpoint)
     if fmt == "onnx":
         _import_onnx()  # fail before the slow part
-    state = open_checkpoint(checkpoint)
+    state = load_checkpoint(checkpoint)
     output = Path(output) if output is not None else default_output(checkpoint, fmt)
     if output.is_dir():
         example = output / default_output(checkpoint, fmt).name
@@ -227,11 +226,10 @@ def export_checkpoint(
         x = _sample(CHECK_BATCH, size)
         with torch.no_grad():
             expected = model(x)
+        run_errors = (RuntimeError, *_ort_errors()) if fmt == "onnx" else (RuntimeError,)
         try:
             got = RUNNERS[fmt](tmp, x)
-        except SemodelError:
-            raise
-        except Exception as e:
+        except run_errors as e:
             raise _failure(f"the exported {fmt} model does not run", e) from None
         if got.shape != expected.shape:
             raise SemodelError(

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from semodel.predict import crop_box, resized_size
+from semodel.preprocess import model_view_box
 
 
 def grad_cam(
@@ -41,15 +41,6 @@ def grad_cam(
     peak = cams.amax(dim=(1, 2), keepdim=True)
     cams = torch.where(peak > 0, cams / peak.clamp_min(1e-12), cams)
     return logits.detach(), cams, target
-
-
-def model_view_box(width: int, height: int, preprocess: dict[str, Any]) -> tuple[float, float, float, float]:
-    """The region (left, top, right, bottom) of the original image that the model's input shows."""
-    new_h, new_w = resized_size(height, width, int(preprocess["resize"]))
-    size = int(preprocess["image_size"])
-    top, left = crop_box(new_h, new_w, size)
-    sx, sy = width / new_w, height / new_h
-    return left * sx, top * sy, (left + size) * sx, (top + size) * sy
 
 
 def overlay(

@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import random
 import re
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,13 +29,12 @@ from torch import nn
 
 from semodel.data import Sample
 from semodel.errors import SemodelError
+from semodel.evalsets import EvalSet
+from semodel.files import write_text_atomic
 from semodel.models.attention import format_widths
+from semodel.tables import align
 
 _STAGE = re.compile(r"^(layer\d+|denseblock\d+)$")
-
-
-def _stderr(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 # ----------------------------------------------------------------------------- attention sites
@@ -176,9 +174,9 @@ def widths_from_state(state_dict: dict[str, torch.Tensor]) -> dict[str, dict[str
 
 
 def excitation_figure(stats: list[SiteStats], classes: list[str]):
-    from semodel.plots import _pyplot
+    from semodel.plots import pyplot
 
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(len(stats), 1, figsize=(9, 2.3 * len(stats) + 0.6), dpi=100, squeeze=False)
     for ax, s in zip(axes[:, 0], stats, strict=True):
         for c, name in enumerate(classes):
@@ -187,10 +185,8 @@ def excitation_figure(stats: list[SiteStats], classes: list[str]):
         ax.set_xlim(0, s.channels - 1)
         ax.set_ylim(0, 1)
         ax.set_ylabel("mean weight")
-        ax.set_title(
-            f"{s.name} ({s.channels} channels): class spread {s.class_spread:.3f}, noise {s.noise_spread:.3f}",
-            fontsize=9,
-        )
+        spreads = f"class spread {s.class_spread:.3f}, noise {s.noise_spread:.3f}"
+        ax.set_title(f"{s.name} ({s.channels} channels): {spreads}", fontsize=9)
     axes[-1, 0].set_xlabel("channel index")
     axes[0, 0].legend(loc="upper right", fontsize=8, ncol=min(len(classes), 5))
     fig.suptitle("excitation per channel, mean over each class's images", fontsize=10)
@@ -199,9 +195,9 @@ def excitation_figure(stats: list[SiteStats], classes: list[str]):
 
 
 def widths_figure(widths: dict[str, dict[str, int]]):
-    from semodel.plots import _pyplot
+    from semodel.plots import pyplot
 
-    plt = _pyplot()
+    plt = pyplot()
     names = list(widths)
     fig, ax = plt.subplots(figsize=(8, 0.28 * len(names) + 1.4), dpi=100)
     y = range(len(names))
@@ -223,9 +219,9 @@ def widths_figure(widths: dict[str, dict[str, int]]):
 
 def gradcam_figure(cells: list[list[dict[str, Any]]], classes: list[str]):
     """Rows = true classes; each cell: the overlay, titled with the prediction (green right, red wrong)."""
-    from semodel.plots import _pyplot
+    from semodel.plots import pyplot
 
-    plt = _pyplot()
+    plt = pyplot()
     cols = max(len(row) for row in cells)
     fig, axes = plt.subplots(len(cells), cols, figsize=(2.2 * cols, 2.4 * len(cells)), dpi=100, squeeze=False)
     for r, row in enumerate(cells):
@@ -270,21 +266,20 @@ def sample_per_class(samples: list[Sample], num_classes: int, n: int, seed: int)
     return chosen
 
 
-def gradcam_cells(
-    model, state, root: Path, samples: list[Sample], classes, per_class: int, device
-) -> list[list[dict]]:
+def gradcam_cells(model, preprocess, images: EvalSet, classes, per_class: int, device) -> list[list[dict]]:
+    """Up to ``per_class`` Grad-CAM overlays per true class (rows), with the prediction of each."""
+    from semodel.data import read_image
     from semodel.gradcam import grad_cam, overlay
-    from semodel.predict import preprocess_image, read_image
+    from semodel.preprocess import preprocess_image
 
-    preprocess = state["preprocess"]
     rows: list[list[dict[str, Any]]] = []
     for c in range(len(classes)):
         row = []
-        for s in (s for s in samples if s.label == c):
+        for s in (s for s in images.samples if s.label == c):
             if len(row) == per_class:
                 break
             try:
-                image = read_image(root / s.path)
+                image = read_image(images.root / s.path)
             except SemodelError:
                 continue  # already reported by the excitation pass
             x = preprocess_image(image, preprocess)[None].to(device)
@@ -303,74 +298,104 @@ def gradcam_cells(
     return rows
 
 
+@dataclass
+class InspectOptions:
+    """``semodel inspect``'s options besides the checkpoint, the data and the output folder."""
+
+    per_class: int = 32  # images per class for the excitation analysis
+    cams: int = 4  # images per class in the Grad-CAM grid (0: none)
+    sites: list[str] | None = None  # attention modules to analyse (None: the last of every stage)
+    device: str = "auto"
+    use_ema: bool = False
+    batch_size: int = 32
+    tensorboard: bool = False
+    seed: int = 0  # which images are sampled
+
+
 def inspect_checkpoint(
     checkpoint: Path,
     data: Path,
     out: Path,
-    per_class: int = 32,
-    cams: int = 4,
-    sites: list[str] | None = None,
-    device: str = "auto",
-    use_ema: bool = False,
-    batch_size: int = 32,
-    tensorboard: bool = False,
-    seed: int = 0,
+    options: InspectOptions | None = None,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Write the figures and ``inspect.json`` to ``out``; returns what ``inspect.json`` holds."""
-    from torch.utils.data import DataLoader
+    from semodel.checkpoint import build_from_checkpoint, load_checkpoint
+    from semodel.evalsets import folder_eval_set
+    from semodel.loaders import eval_loader
+    from semodel.runtime import resolve_device
 
-    from semodel.checkpoint import build_from_checkpoint, write_text_atomic
-    from semodel.data import ImageList, collate_skip_bad, eval_transform
-    from semodel.evaluate import folder_eval_set
-    from semodel.plots import save_figure
-    from semodel.predict import open_checkpoint, resolve_device
-
-    if per_class < 1 or cams < 0 or batch_size < 1:
+    o = options or InspectOptions()
+    if o.per_class < 1 or o.cams < 0 or o.batch_size < 1:
         raise SemodelError("--per-class and --batch-size must be at least 1, --cams at least 0")
     checkpoint = Path(checkpoint)
-    state = open_checkpoint(checkpoint)
+    state = load_checkpoint(checkpoint)
     classes = list(state["classes"])
     images = folder_eval_set(Path(data), classes, "all")
-    chosen = sample_per_class(images.samples, len(classes), per_class, seed)
-    dev = resolve_device(device)
-    weights = state["ema"] if use_ema and state.get("ema") else state["model"]
-    widths = widths_from_state(weights)
-    model = build_from_checkpoint(state, use_ema=use_ema, source=str(checkpoint)).to(dev)
+    chosen = EvalSet(
+        images.root, sample_per_class(images.samples, len(classes), o.per_class, o.seed), "all", ""
+    )
+    dev = resolve_device(o.device)
+    widths = widths_from_state(state["ema"] if o.use_ema and state.get("ema") else state["model"])
+    model = build_from_checkpoint(state, use_ema=o.use_ema, source=str(checkpoint)).to(dev)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise SemodelError(f"--out {out}: cannot create the folder ({e.strerror or e})") from None
 
     all_sites = attention_sites(model)
-    names = choose_sites(all_sites, sites)
-    counts = [sum(s.label == c for s in chosen) for c in range(len(classes))]
+    names = choose_sites(all_sites, o.sites)
+    counts = [sum(s.label == c for s in chosen.samples) for c in range(len(classes))]
+    shown = ", ".join(f"{n} {c}" for n, c in zip(counts, classes, strict=True))
+    model_cfg = state["config"]["model"]
     log(
-        f"{checkpoint}: {state['config']['model']['name']} (attention {state['config']['model']['attention']}), "
-        f"{len(all_sites)} attention modules; images: {', '.join(f'{n} {c}' for n, c in zip(counts, classes, strict=True))} "
-        f"from {images.root}"
+        f"{checkpoint}: {model_cfg['name']} (attention {model_cfg['attention']}), {len(all_sites)} attention "
+        f"modules; images: {shown} from {images.root}"
     )
-    loader = DataLoader(
-        ImageList(images.root, chosen, eval_transform(state["preprocess"])),
-        batch_size=batch_size,
-        shuffle=False,
-        num_workers=0,
-        collate_fn=collate_skip_bad,
-    )
+    loader = eval_loader(chosen.root, chosen.samples, state["preprocess"], o.batch_size, num_workers=0)
     excitations, labels, logits = collect_excitations(model, all_sites, names, loader, dev)
-    stats = [site_stats(n, excitations[n], labels, len(classes), seed) for n in names]
+    stats = [site_stats(n, excitations[n], labels, len(classes), o.seed) for n in names]
     accuracy = float((logits.argmax(1) == labels).float().mean())
+    cells = gradcam_cells(model, state["preprocess"], chosen, classes, o.cams, dev) if o.cams else []
+    if not stats:
+        log("no attention modules in this model (attention: none): no excitation analysis")
+    written = write_figures(figures_of(stats, widths, cells, classes), out, o.tensorboard)
 
+    result = {
+        "checkpoint": str(checkpoint),
+        "model": model_cfg,
+        "weights": "ema" if o.use_ema else "model",
+        "data": str(images.root),
+        "images_per_class": {c: int((labels == i).sum()) for i, c in enumerate(classes)},
+        "accuracy_on_sample": accuracy,
+        "sites": [site_json(s, classes) for s in stats],
+        "learned_widths": widths,
+        "gradcam": [{k: v for k, v in cell.items() if k != "overlay"} for row in cells for cell in row],
+    }
+    write_text_atomic(out / "inspect.json", json.dumps(result, indent=2, allow_nan=False) + "\n")
+    for line in format_summary(stats, widths, accuracy):
+        log(line)
+    tb = f"; TensorBoard: {out / 'tensorboard'}" if o.tensorboard else ""
+    log("wrote " + ", ".join(str(p) for p in [*written, out / "inspect.json"]) + tb)
+    return result
+
+
+def figures_of(
+    stats: list[SiteStats], widths: dict, cells: list[list[dict]], classes: list[str]
+) -> dict[str, Any]:
     figures: dict[str, Any] = {}
     if stats:
         figures["excitation"] = excitation_figure(stats, classes)
-    else:
-        log("no attention modules in this model (attention: none): no excitation analysis")
     if widths:
         figures["learned_widths"] = widths_figure(widths)
-    cells = gradcam_cells(model, state, images.root, chosen, classes, cams, dev) if cams else []
     if cells and any(cells):
         figures["gradcam"] = gradcam_figure(cells, classes)
+    return figures
+
+
+def write_figures(figures: dict[str, Any], out: Path, tensorboard: bool) -> list[Path]:
+    """Each figure as ``out/<name>.png`` (and in ``out/tensorboard`` when asked); the PNG paths."""
+    from semodel.plots import save_figure
 
     writer = None
     if tensorboard:
@@ -384,47 +409,24 @@ def inspect_checkpoint(
         written.append(save_figure(fig, out / f"{name}.png"))
     if writer is not None:
         writer.close()
+    return written
 
-    result = {
-        "checkpoint": str(checkpoint),
-        "model": state["config"]["model"],
-        "weights": "ema" if use_ema else "model",
-        "data": str(images.root),
-        "images_per_class": dict(
-            zip(classes, [int((labels == c).sum()) for c in range(len(classes))], strict=True)
-        ),
-        "accuracy_on_sample": accuracy,
-        "sites": [
-            {
-                "name": s.name,
-                "channels": s.channels,
-                "mean_weight": s.mean_weight,
-                "class_spread": _number(s.class_spread),
-                "noise_spread": _number(s.noise_spread),
-                "class_means": {
-                    c: None
-                    if s.class_means[i].isnan().any()
-                    else [round(v, 5) for v in s.class_means[i].tolist()]
-                    for i, c in enumerate(classes)
-                },
-            }
-            for s in stats
-        ],
-        "learned_widths": widths,
-        "gradcam": [{k: v for k, v in cell.items() if k != "overlay"} for row in cells for cell in row],
+
+def site_json(s: SiteStats, classes: list[str]) -> dict[str, Any]:
+    return {
+        "name": s.name,
+        "channels": s.channels,
+        "mean_weight": s.mean_weight,
+        "class_spread": nan_to_none(s.class_spread),
+        "noise_spread": nan_to_none(s.noise_spread),
+        "class_means": {
+            c: None if s.class_means[i].isnan().any() else [round(v, 5) for v in s.class_means[i].tolist()]
+            for i, c in enumerate(classes)
+        },
     }
-    write_text_atomic(out / "inspect.json", json.dumps(result, indent=2, allow_nan=False) + "\n")
-    for line in format_summary(stats, widths, accuracy):
-        log(line)
-    log(
-        "wrote "
-        + ", ".join(str(p) for p in [*written, out / "inspect.json"])
-        + (f"; TensorBoard: {out / 'tensorboard'}" if writer is not None else "")
-    )
-    return result
 
 
-def _number(value: float) -> float | None:
+def nan_to_none(value: float) -> float | None:
     """NaN (a spread that needs two classes or two images) as JSON null."""
     return None if value != value else value
 
@@ -445,9 +447,7 @@ def format_summary(stats: list[SiteStats], widths: dict[str, dict[str, int]], ac
             ]
             for s in stats
         ]
-        width = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-        fmt = "  ".join(f"{{:<{w}}}" if i == 0 else f"{{:>{w}}}" for i, w in enumerate(width))
-        lines += [fmt.format(*header), *(fmt.format(*r) for r in rows)]
+        lines += align([header, *rows])
         lines.append(
             "(class spread: mean over channels of max - min of the per-class mean weights; "
             "noise: the same between two random halves of a class)"

@@ -9,7 +9,8 @@ from typing import Any
 import torch
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib's pyplot on the Agg backend (files only: no window, no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -18,13 +19,17 @@ def _pyplot():
     return plt
 
 
+def close(fig) -> None:
+    pyplot().close(fig)
+
+
 def confusion_figure(
     matrix: Sequence[Sequence[int]], classes: Sequence[str], title: str = "confusion matrix"
 ):
     """Counts, with the share of each true class (row) under them; colour by that share."""
     import numpy as np
 
-    plt = _pyplot()
+    plt = pyplot()
     cm = np.asarray(matrix, dtype=np.int64)
     rows = cm.sum(1, keepdims=True)
     share = np.divide(cm, rows, out=np.zeros(cm.shape, dtype=np.float64), where=rows > 0)
@@ -45,7 +50,7 @@ def confusion_figure(
 
 
 def roc_figure(fpr: torch.Tensor, tpr: torch.Tensor, auc: float | None, positive: str):
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(4.5, 4.5), dpi=100)
     label = f"AUC = {auc:.4f}" if auc is not None else None
     ax.plot(fpr.numpy(), tpr.numpy(), lw=2, label=label)
@@ -62,9 +67,8 @@ def roc_figure(fpr: torch.Tensor, tpr: torch.Tensor, auc: float | None, positive
 
 
 def save_figure(fig, path: Path) -> Path:
-    plt = _pyplot()
     fig.savefig(path, format="png")
-    plt.close(fig)
+    close(fig)
     return path
 
 

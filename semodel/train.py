@@ -1,58 +1,62 @@
 """fit(): the training loop, from a validated Config to a run folder.
 
-Read top to bottom: setup (run folder, device, data, model, optimizer), then the epoch loop
-(train, validate, log, checkpoint, early stop), then the final test of the best weights.
+Read top to bottom: ``fit`` sets up a ``Run`` (device, data, model, optimizer, then the run
+folder), runs the epoch loop (train, validate, checkpoint, log, early stop), and tests the best
+weights at the end. Nothing is written into the run folder until everything that can fail at the
+start (data, model, pretrained weights, the resumed state) has been built.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import random
-import signal
 import sys
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Sampler
 
-from semodel import __version__, distributed
-from semodel.cache import cached_loaders
-from semodel.cache import choose as choose_cache
+from semodel import distributed
+from semodel._version import __version__
 from semodel.cache import refuse as refuse_cache
 from semodel.checkpoint import (
+    Progress,
     load_checkpoint,
+    load_resumable,
     model_options,
-    remove_stale_temp_files,
+    restore_training,
     save_checkpoint,
-    write_text_atomic,
+    training_state,
 )
 from semodel.config import Config, apply_overrides, config_from_dict, load_config, write_yaml
-from semodel.data import (
-    ImageList,
-    Sample,
-    collate_skip_bad,
-    default_workers,
-    eval_transform,
-    prepare_dataset,
-    preprocess_of,
-    train_transform,
-)
-from semodel.errors import SemodelError
-from semodel.evaluate import autocast, predict_probs
+from semodel.data import Dataset, Sample, prepare_dataset, write_split_csv
+from semodel.distributed import World
+from semodel.errors import Interrupted, SemodelError, first_line
+from semodel.files import make_run_dir, remove_stale_temp_files, run_name, write_json
+from semodel.loaders import Loaders, build_loaders, eval_loader, make_mixer
 from semodel.metrics import classification_metrics
-from semodel.models import build_model, learned_widths, prune_attention, sparsity_loss
+from semodel.models import build_model, learned_widths, load_pretrained, prune_attention, sparsity_loss
 from semodel.models.attention import format_widths, learned_blocks
-from semodel.predict import resolve_device
+from semodel.optim import gate_travel, make_optimizer, make_scheduler
+from semodel.preprocess import preprocess_of
+from semodel.runlog import Logger, epoch_scalars, flat_hparams, log_line, open_fraction, width_scalars
+from semodel.runlog import quiet as quiet_log
+from semodel.runtime import (
+    Interrupt,
+    amp_dtype,
+    autocast,
+    predict_probs,
+    resolve_device,
+    rng_state,
+    seed_everything,
+)
 
 # Metric to monitor -> (key in the validation metrics, whether higher is better)
 MONITORS = {
@@ -62,894 +66,604 @@ MONITORS = {
     "val_balanced_acc": ("balanced_acc", True),
 }
 
-
-# ----------------------------------------------------------------------------- setup helpers
-
-
-def amp_dtype(setting: str, device: torch.device) -> torch.dtype | None:
-    """bf16 where the device supports it, else fp16 (with a grad scaler); off on CPU unless asked."""
-    if setting == "off" or (setting == "auto" and device.type == "cpu"):
-        return None
-    if setting == "fp16":
-        return torch.float16
-    if setting == "bf16":
-        return torch.bfloat16
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float16 if device.type == "mps" else None
-
-
-def seed_everything(seed: int, deterministic: bool) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-    if deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.benchmark = False
-    else:
-        torch.backends.cudnn.benchmark = True
-
-
-def rng_state() -> dict[str, Any]:
-    np_state = np.random.get_state()
-    return {
-        "python": list(random.getstate()[1]),
-        "numpy": torch.from_numpy(np_state[1].astype(np.int64)),
-        "numpy_pos": int(np_state[2]),
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate((3, tuple(state["python"]), None))
-    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0))
-    torch.set_rng_state(state["torch"].cpu())
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
-
-
-def param_groups(
-    model: nn.Module, weight_decay: float, lr: float, gate_lr_scale: float = 1.0
-) -> list[dict[str, Any]]:
-    """No weight decay on norm weights and biases (1-D tensors): decaying them only hurts.
-
-    The unit gates of learned-width SE blocks get their own group, without decay and with
-    ``gate_lr_scale`` x the learning rate: a gate travels from 1 (open) to 0 (closed) in about
-    1 / (lr x scale) steps where the task does not need its unit.
-    """
-    decay, no_decay, gates = [], [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            if name.endswith("unit_gate"):
-                gates.append(p)
-            else:
-                (no_decay if p.ndim <= 1 else decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    if gates:
-        groups.append({"params": gates, "weight_decay": 0.0, "lr": lr * gate_lr_scale})
-    return groups
-
-
-def make_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
-    o = cfg.optim
-    groups = param_groups(model, o.weight_decay, o.lr, cfg.model.learned.gate_lr_scale)
-    if o.name == "sgd":
-        return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov and o.momentum > 0)
-    return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas))
-
-
-def lr_factor(cfg: Config, steps_per_epoch: int) -> Callable[[int], float]:
-    """Multiplier of the base lr at optimizer step ``i``: linear warm-up, then the schedule."""
-    s = cfg.schedule
-    total = cfg.train.epochs * steps_per_epoch
-    warmup = int(round(s.warmup_epochs * steps_per_epoch))
-
-    def factor(i: int) -> float:
-        if i < warmup:
-            return 0.01 + 0.99 * i / warmup
-        if s.name == "constant":
-            return 1.0
-        if s.name == "step":
-            return s.gamma ** ((i // steps_per_epoch) // s.step_size)
-        progress = min(1.0, (i - warmup) / max(1, total - warmup))
-        return s.min_lr_ratio + (1 - s.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return factor
-
-
-def gate_travel(cfg: Config, steps_per_epoch: int) -> float:
-    """How far a learned-width SE gate can move over the whole run under AdamW: the sum of its
-    learning rates (Adam moves a parameter by about lr per step at most, whatever the gradient)."""
-    factor = lr_factor(cfg, steps_per_epoch)
-    rate = cfg.optim.lr * cfg.model.learned.gate_lr_scale
-    return rate * sum(factor(i) for i in range(cfg.train.epochs * steps_per_epoch))
-
-
-class EpochBatchSampler(Sampler[list[int]]):
-    """Batches in a fresh order every epoch, reproducible from (seed, epoch), sharded over ranks.
-
-    The epoch's order is cut into batches of ``batch_size``; rank r of W takes batches
-    r, r + W, r + 2W, ... (the batch count is padded to a multiple of W by repeating the first
-    batches, so every rank makes the same number of steps). W processes with batch B thus see
-    exactly the micro-batches of one process with batch B and ``accum_steps`` W (when the batch
-    count is a multiple of W: else the padding repeats some, and the last accumulation is short).
-    ``set_epoch(epoch, start)`` skips this rank's first ``start`` batches (resume mid-epoch).
-    With ``weights`` the order is drawn with replacement in proportion to them (``balance: sampler``).
-    """
-
-    def __init__(
-        self,
-        n: int,
-        batch_size: int,
-        seed: int,
-        rank: int = 0,
-        world: int = 1,
-        weights: torch.Tensor | None = None,
-    ) -> None:
-        self.n, self.batch_size, self.seed, self.rank, self.world, self.weights = (
-            n,
-            batch_size,
-            seed,
-            rank,
-            world,
-            weights,
-        )
-        self.epoch, self.start = 0, 0
-
-    def set_epoch(self, epoch: int, start: int = 0) -> None:
-        self.epoch, self.start = epoch, start
-
-    def batches(self) -> list[list[int]]:
-        g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
-        if self.weights is not None:
-            order = torch.multinomial(self.weights, self.n, replacement=True, generator=g).tolist()
-        else:
-            order = torch.randperm(self.n, generator=g).tolist()
-        batches = [order[i : i + self.batch_size] for i in range(0, self.n, self.batch_size)]
-        batches += batches[: (-len(batches)) % self.world]
-        return batches[self.rank :: self.world]
-
-    def __iter__(self):
-        return iter(self.batches()[self.start :])
-
-    def __len__(self) -> int:
-        return math.ceil(math.ceil(self.n / self.batch_size) / self.world) - self.start
-
-
-class Interrupt:
-    """First Ctrl-C: finish the step, save, exit. Second Ctrl-C: stop at once."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous = None
-
-    def __enter__(self) -> Interrupt:
-        try:
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-        except ValueError:  # not the main thread
-            self._previous = None
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        print(
-            "\ninterrupt: finishing the current step, then saving last.pt (Ctrl-C again to abort)",
-            file=sys.stderr,
-        )
-
-    def __exit__(self, *exc) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-
-
-def discard_new_run(run_dir: Path) -> None:
-    """Remove a run folder made just now by a run that could not start (what it wrote: the split
-    and the config); a folder holding anything else is left as it is."""
-    for name in ("split.csv", "config.yaml"):
-        (run_dir / name).unlink(missing_ok=True)
-    if run_dir.is_dir() and not any(run_dir.iterdir()):
-        run_dir.rmdir()
-
-
-def new_run_dir(cfg: Config, config_path: Path | None) -> Path:
-    name = cfg.log.name or (config_path.stem if config_path else "run")
-    base = Path(cfg.log.out_dir).expanduser()
-    candidate, n = base / name, 1
-    while candidate.exists():
-        n += 1
-        candidate = base / f"{name}-{n}"
-    candidate.mkdir(parents=True)
-    return candidate
-
-
-# ----------------------------------------------------------------------------- logging
-
-
-class Logger:
-    """TensorBoard (one event stream in the run folder) + console lines."""
-
-    def __init__(self, run_dir: Path, enabled: bool, purge_step: int | None) -> None:
-        self.writer = None
-        if enabled:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(str(run_dir), purge_step=purge_step)
-
-    def scalars(self, values: dict[str, float], step: int) -> None:
-        if self.writer:
-            for tag, value in values.items():
-                if value is not None and math.isfinite(value):
-                    self.writer.add_scalar(tag, value, step)
-
-    def confusion(self, matrix, classes, step: int) -> None:
-        if self.writer:
-            import matplotlib.pyplot as plt
-
-            from semodel.plots import confusion_figure
-
-            fig = confusion_figure(matrix, classes, f"validation, epoch {step}")
-            self.writer.add_figure("val/confusion_matrix", fig, step)
-            plt.close(fig)
-
-    def samples(self, images: torch.Tensor, mean, std) -> None:
-        if self.writer:
-            from torchvision.utils import make_grid
-
-            images = images[:32].float().cpu() * torch.tensor(std).view(1, 3, 1, 1) + torch.tensor(mean).view(
-                1, 3, 1, 1
-            )
-            self.writer.add_image("train/augmented_samples", make_grid(images.clamp(0, 1), nrow=8), 0)
-
-    def hparams(self, hparams: dict[str, Any], metrics: dict[str, float]) -> None:
-        if self.writer:
-            from torch.utils.tensorboard.summary import hparams as hparams_summary
-
-            # Written into this run's own stream (SummaryWriter.add_hparams would open a new one).
-            exp, ssi, sei = hparams_summary(hparams, metrics)
-            fw = self.writer._get_file_writer()
-            for summary in (exp, ssi, sei):
-                fw.add_summary(summary)
-            self.scalars(metrics, 0)
-
-    def close(self) -> None:
-        if self.writer:
-            self.writer.close()
-
-
-def flat_hparams(config: dict[str, Any]) -> dict[str, Any]:
-    out = {}
-    for section in ("model", "optim", "schedule", "train", "data"):
-        for key, value in config[section].items():
-            if isinstance(value, (int, float, str, bool)):
-                out[f"{section}.{key}"] = value
-    return out
-
-
-# ----------------------------------------------------------------------------- the run
-
-
-def diverged(what: str, state: RunState) -> str:
-    kept = "the last good checkpoint is kept" if state.epoch > 0 else "no checkpoint had been written yet"
-    return f"{what}; stopped without saving it ({kept}). Try a lower optim.lr or set train.clip_grad"
-
-
-def log_line(message: str) -> None:
-    """One line on stdout, flushed at once: logs of a run in the background stay current."""
-    print(message, flush=True)
+Log = Callable[[str], None]
 
 
 @dataclass
-class RunState:
-    epoch: int = 0  # epochs completed
-    step_in_epoch: int = 0  # batches of the current epoch already trained (after an interrupt)
-    global_step: int = 0  # optimizer steps
-    best_value: float | None = None
-    best_epoch: int = 0
-    stale_epochs: int = 0
+class Resume:
+    """A run to continue: its ``last.pt`` and that file, already loaded."""
+
+    path: Path
+    state: dict[str, Any]
+
+
+@dataclass
+class Start:
+    """How ``fit`` was asked to run, besides the config."""
+
+    config_path: Path | None
+    resume: Resume | None
+    split: list[Sample] | None  # semodel cv: the fold's files and splits
+    log: Log
+    quiet: bool
+    t_start: float = field(default_factory=time.time)
+
+
+@dataclass
+class EpochResult:
+    epoch: int
+    train: dict[str, float]  # loss, acc, images_per_s
+    val: dict[str, Any]  # classification_metrics + loss
+    started: float  # time.time() at the epoch's start
+    train_time: float
+    improved: bool = False
+
+
+@dataclass
+class Objective:
+    """What the loss of a batch is made of, besides the logits and labels."""
+
+    label_smoothing: float = 0.0
+    class_weights: torch.Tensor | None = None  # data.balance: loss
+    mix: Callable | None = None  # mixup / cutmix
+    penalty: Callable[[], torch.Tensor] | None = None  # sparsity loss of learned SE widths
+
+
+@dataclass
+class Run:
+    """Everything a training run holds, from setup to the final test."""
+
+    cfg: Config
+    world: World
+    device: torch.device
+    dtype: torch.dtype | None  # autocast dtype, None for fp32
+    data: Dataset
+    loaders: Loaders
+    model: nn.Module  # the plain module: what checkpoints hold
+    train_model: nn.Module  # the model as trained: compiled and/or wrapped in DDP
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: torch.amp.GradScaler
+    ema: Any  # AveragedModel or None
+    objective: Objective
+    log: Log
+    show_bars: bool
+    resumed: bool
+    t_start: float
+    run_dir: Path | None = None  # made once everything else is set up
+    logger: Logger | None = None
+    progress: Progress = field(default_factory=Progress)
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    # What the checkpoint format reads (semodel.checkpoint.TrainingRun).
+    @cached_property
+    def config(self) -> dict[str, Any]:
+        return self.cfg.to_dict()
+
+    @property
+    def classes(self) -> list[str]:
+        return self.data.classes
+
+    @cached_property
+    def preprocess(self) -> dict[str, Any]:
+        return preprocess_of(self.cfg)
+
+    @property
+    def monitor(self) -> str:
+        return self.cfg.train.monitor
+
+    @property
+    def eval_model(self) -> nn.Module:
+        """The weights validation scores and best.pt selects: the EMA's where there is one."""
+        return self.ema.module if self.ema is not None else self.model
+
+    @property
+    def resume_hint(self) -> str:
+        nproc = f" --nproc {self.world.size}" if self.world.distributed else ""
+        return f"semodel train --resume {self.run_dir / 'last.pt'}{nproc}"
+
+
+# ----------------------------------------------------------------------------- fit
 
 
 def fit(
     cfg: Config,
     config_path: Path | None = None,
-    resume: Path | None = None,
+    resume: Path | Resume | None = None,
     quiet: bool = False,
-    log: Callable[[str], None] | None = None,
-    on_finish: Callable[[nn.Module], None] | None = None,
-    resumed: dict[str, Any] | None = None,
+    log: Log | None = None,
     split: list[Sample] | None = None,
 ) -> Path:
-    """Train ``cfg``; returns the run folder. ``resume`` continues from a checkpoint
-    (``resumed``: that checkpoint already loaded, so it is not read twice). ``split``: the files
-    and their splits (``semodel cv``'s fold) instead of splitting ``data.root`` (a new run only).
+    """Train ``cfg``; returns the run folder.
 
-    Under torchrun every process calls this; rank 0 writes the run folder and prints.
-    ``on_finish(model)`` is called on every rank with the trained (last-epoch) model.
+    ``resume`` continues a run from its ``last.pt`` (a path, or a ``Resume`` holding the file
+    already loaded). ``split``: the files and their splits (``semodel cv``'s fold) instead of
+    splitting ``data.root`` (a new run only). Under torchrun every process calls this; rank 0
+    writes the run folder and prints. Ctrl-C saves last.pt and raises ``Interrupted``.
     """
     t_start = time.time()
-    log = log or log_line
+    if isinstance(resume, (str, Path)):
+        resume = Resume(Path(resume), load_resumable(resume))
     world = distributed.init(cfg.train.device)
-    if not world.is_main:
-        log, quiet = (lambda message: None), True
-    where: dict[str, Any] = {}  # _fit fills in run_dir and resume_hint, for the message below
+    if world.is_main:
+        start = Start(config_path, resume, split, log or log_line, quiet, t_start)
+    else:
+        start = Start(config_path, resume, split, quiet_log, True, t_start)
+    run = None
     try:
-        return _fit(cfg, config_path, resume, resumed, quiet, log, on_finish, world, t_start, where, split)
+        run = setup_run(cfg, world, start)
+        open_run_folder(run, start)
+        train_epochs(run)
+        distributed.barrier(world)
+        if world.is_main:
+            finish_run(run)
+        return run.run_dir
     except RuntimeError as e:
         # A worker killed (OOM killer, a signal) or exited: torch raises a RuntimeError from
         # wherever the main process is; the run stops, last.pt stays as the last epoch left it.
         if not str(e).startswith("DataLoader worker (pid"):
             raise
-        reason = str(e).strip().splitlines()[0][:200]
         raise SemodelError(
-            f"a data loader worker process died ({reason}); out of memory? try a lower "
-            f"data.num_workers or data.batch_size; {resume_note(where)}"
+            f"a data loader worker process died ({first_line(e)}); out of memory? try a lower "
+            f"data.num_workers or data.batch_size; {resume_note(run)}"
         ) from None
     finally:
+        if run is not None and run.logger is not None:
+            run.logger.close()
         distributed.shutdown(world)
 
 
-def resume_note(where: dict[str, Any]) -> str:
+def resume_note(run: Run | None) -> str:
     """What is kept after a failure, and the command that continues the run."""
-    run_dir = where.get("run_dir")
-    if run_dir is None or not (run_dir / "last.pt").exists():
+    if run is None or run.run_dir is None or not (run.run_dir / "last.pt").exists():
         return "no checkpoint had been written yet; start the run again"
-    return f"{run_dir / 'last.pt'} is kept; resume with: {where['resume_hint']}"
+    return f"{run.run_dir / 'last.pt'} is kept; resume with: {run.resume_hint}"
 
 
-def _fit(
-    cfg,
-    config_path,
-    resume,
-    resumed,
-    quiet,
-    log,
-    on_finish,
-    world: distributed.World,
-    t_start: float,
-    where: dict[str, Any],
-    split: list[Sample] | None = None,
-) -> Path:
-    if resume and resumed is None:
-        resumed = load_checkpoint(resume)
-    show_bars = not quiet and sys.stderr.isatty()
+def diverged(what: str, progress: Progress) -> str:
+    kept = "the last good checkpoint is kept" if progress.epoch > 0 else "no checkpoint had been written yet"
+    return f"{what}; stopped without saving it ({kept}). Try a lower optim.lr or set train.clip_grad"
+
+
+# ----------------------------------------------------------------------------- setup
+
+
+def setup_run(cfg: Config, world: World, start: Start) -> Run:
+    """Device, data, loaders, model, optimizer and (on resume) the saved state; writes nothing."""
+    resume, log = start.resume, start.log
     seed_everything(cfg.train.seed, cfg.train.deterministic)
-    device = resolve_device(cfg.train.device, "train.device")
-    if world.distributed and device.type == "cuda":
-        device = torch.device("cuda", world.local_rank)
-    if cfg.train.sync_bn and world.distributed and device.type != "cuda":
-        raise SemodelError("train.sync_bn needs CUDA devices (PyTorch's SyncBatchNorm does not run on CPU)")
+    device = training_device(cfg, world)
     dtype = amp_dtype(cfg.train.amp, device)
-    refuse_cache(cfg, device)  # a data.cache the device or the augmentations cannot take: before any folder
-
-    # Run folder and data: rank 0 scans, splits and writes split.csv, and sends the split to the
-    # others (so that other nodes need the images, but not the run folder).
-    run_dir = data = None
-    if world.is_main:
-        run_dir = Path(resume).parent if resume else new_run_dir(cfg, config_path)
-        stale = remove_stale_temp_files(run_dir)  # left by a run killed while writing a checkpoint
-        if stale:
-            log(f"removed {stale} unfinished checkpoint temp file(s) from {run_dir}")
-        try:
-            data = prepare_dataset(
-                cfg,
-                run_dir,
-                resume=resumed is not None,
-                log=log,
-                classes=list(resumed["classes"]) if resumed else None,
-                split=split,
-            )
-        except SemodelError:
-            if not resume:
-                discard_new_run(run_dir)
-            raise
-        write_yaml(cfg, run_dir / "config.yaml")  # after the data checks: a failed resume keeps the old one
-    run_dir, data = distributed.broadcast_object((run_dir, data), world)
-    workers = cfg.data.num_workers if cfg.data.num_workers != "auto" else default_workers(device.type)
-    train_set = ImageList(data.root, data.split("train"), train_transform(cfg))
-    weights = None
-    counts = torch.tensor(data.counts("train"), dtype=torch.float)
-    if cfg.data.balance == "sampler":
-        weights = (1.0 / counts)[torch.tensor([label for _, label in train_set.items])]
-    sampler = EpochBatchSampler(
-        len(train_set), cfg.data.batch_size, cfg.train.seed, world.rank, world.size, weights
-    )
-    loader_kw: dict[str, Any] = dict(
-        num_workers=workers,
-        pin_memory=device.type == "cuda",
-        persistent_workers=workers > 0,
-        collate_fn=collate_skip_bad,
-    )
-    if workers > 0:
-        loader_kw["prefetch_factor"] = 4
-    preprocess = preprocess_of(cfg)
-    # Each rank evaluates every W-th validation image; predictions are gathered before metrics,
-    # so that they cover every validation image exactly once.
-    if len(data.split("val")) < world.size:
-        raise SemodelError(
-            f"{len(data.split('val'))} validation images for {world.size} processes: "
-            "each process needs at least one; use fewer processes or a larger data.split.val"
-        )
-    val_samples = data.split("val")[world.rank :: world.size]
-    cache, cache_why = choose_cache(cfg, device, len(train_set), len(val_samples))
-    if cache == "none":
-        train_loader = DataLoader(train_set, batch_sampler=sampler, **loader_kw)
-        val_loader = DataLoader(
-            ImageList(data.root, val_samples, eval_transform(preprocess)),
-            cfg.data.batch_size * 2,
-            **loader_kw,
-        )
-    log(
-        f"data: {data.root}  classes: {', '.join(data.classes)}  "
-        f"train/val/test: {len(data.split('train'))}/{len(data.split('val'))}/{len(data.split('test'))}  "
-        + (f"workers: {workers}" if cache == "none" else cache_why)
-        + (f"  processes: {world.size} x batch {cfg.data.batch_size}" if world.distributed else "")
-    )
-    if cache != "none":  # decode once; augment whole batches on the device (semodel/cache.py)
-        train_loader, val_loader = cached_loaders(
-            cfg, cache, data.root, data.split("train"), val_samples, sampler, device, log
-        )
-
-    # Model, optimizer, schedule
-    m = cfg.model
-    options = model_options(cfg.to_dict())
-    try:
-        model = build_model(
-            options.pop("name"),
-            num_classes=len(data.classes),
-            pretrained=None if resumed else m.pretrained,
-            **options,
-        )
-    except SemodelError:  # e.g. model.pretrained names a missing file or cannot be downloaded
-        if world.is_main and not resume:
-            discard_new_run(run_dir)
-        raise
-    if cfg.train.sync_bn and world.distributed:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    model = model.to(device)
-    memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
-    model = model.to(memory_format=memory_format)
+    refuse_cache(cfg, device)  # a data.cache the device or the augmentations cannot take
+    data = load_data(cfg, world, start)
+    loaders = build_loaders(cfg, data, device, world, log)
+    pretrained = cfg.model.pretrained if resume is None else None  # a resumed run has its own weights
+    model = build_training_model(cfg, len(data.classes), pretrained, device, world, log)
     optimizer = make_optimizer(cfg, model)
-    steps_per_epoch = math.ceil(len(sampler) / cfg.train.accum_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg, steps_per_epoch))
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    ema = None
-    if cfg.train.ema:
-        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-
-        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.train.ema_decay), use_buffers=True)
-    penalty = None
-    gated = [block for _, block in learned_blocks(model)]  # reduction: learned
-    if gated and m.learned.penalty > 0 and cfg.optim.name == "adamw":
-        travel = gate_travel(cfg, steps_per_epoch)
-        if travel < 2:  # gates start at 1: they could barely reach 0 by the last step
-            log(
-                f"note: reduction: learned: in {cfg.train.epochs * steps_per_epoch} optimizer steps a gate can "
-                f"move by about {travel:.1f} in all and starts at 1, so few units can close; raise "
-                f"model.learned.gate_lr_scale (e.g. to {math.ceil(3 * m.learned.gate_lr_scale / travel)}) "
-                "or train for more steps"
-            )
-    if gated and m.learned.penalty > 0:
-
-        def penalty() -> torch.Tensor:
-            return m.learned.penalty * sparsity_loss(gated)
-
-    class_weights = None
-    if cfg.data.balance == "loss":
-        class_weights = (counts.sum() / (len(counts) * counts)).to(device)
-    mix = make_mixer(cfg, len(data.classes))
-
-    state = RunState()
-    if resumed:
-        model.load_state_dict(resumed["model"])
-        # Keep the optimizer's state (momentum, Adam moments) but this config's hyperparameters,
-        # so that `--set optim.lr=...` on resume takes effect; a stored value would override it.
-        configured = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
-        optimizer.load_state_dict(resumed["optimizer"])
-        scheduler.load_state_dict(resumed["scheduler"])
-        for group, settings in zip(optimizer.param_groups, configured, strict=True):
-            group.update(settings)
-        scheduler.base_lrs = [settings["initial_lr"] for settings in configured]
-        # The stored lr follows the stored schedule; with `--set train.epochs=...` (or another
-        # schedule) the next step must use this run's schedule at the restored step.
-        schedule = zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True)
-        for group, base_lr, factor in schedule:
-            group["lr"] = base_lr * factor(scheduler.last_epoch)
-        if resumed.get("scaler"):
-            scaler.load_state_dict(resumed["scaler"])
-        if ema is not None and resumed.get("ema"):
-            ema.module.load_state_dict(resumed["ema"])
-            ema.n_averaged.fill_(max(1, resumed["progress"]["global_step"]))
-        state = RunState(**resumed["progress"])
-        rng_states = resumed.get("rng_ranks") or [resumed["rng"]]
-        set_rng_state(rng_states[world.rank] if len(rng_states) == world.size else rng_states[0])
-        log(f"resuming {run_dir} at epoch {state.epoch + 1} (step {state.step_in_epoch} of it)")
+    steps_per_epoch = math.ceil(len(loaders.sampler) / cfg.train.accum_steps)
+    run = Run(
+        cfg=cfg,
+        world=world,
+        device=device,
+        dtype=dtype,
+        data=data,
+        loaders=loaders,
+        model=model,
+        train_model=model,
+        optimizer=optimizer,
+        scheduler=make_scheduler(cfg, optimizer, steps_per_epoch),
+        scaler=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
+        ema=make_ema(cfg, model),
+        objective=make_objective(cfg, data, model, device),
+        log=log,
+        show_bars=not start.quiet and sys.stderr.isatty(),
+        resumed=resume is not None,
+        t_start=start.t_start,
+    )
+    if run.objective.penalty is not None:
+        warn_short_gate_travel(cfg, steps_per_epoch, log)
+    if resume is not None:
+        restore(run, resume)
     elif world.distributed:
         torch.manual_seed(cfg.train.seed + world.rank)  # each rank its own augmentation stream
+    run.train_model = wrap_for_training(model, cfg, world, device)
+    m = cfg.model
     attention = m.attention + (" learned width" if m.attention == "se" and m.reduction == "learned" else "")
     log(
         f"model: {m.name} (attention {attention})  device: {device}  amp: {dtype or 'off'}  "
         f"params: {sum(p.numel() for p in model.parameters()):,}"
     )
+    return run
 
-    train_model: nn.Module = torch.compile(model) if cfg.train.compile else model
+
+def training_device(cfg: Config, world: World) -> torch.device:
+    device = resolve_device(cfg.train.device, "train.device")
+    if world.distributed and device.type == "cuda":
+        device = torch.device("cuda", world.local_rank)
+    if cfg.train.sync_bn and world.distributed and device.type != "cuda":
+        raise SemodelError("train.sync_bn needs CUDA devices (PyTorch's SyncBatchNorm does not run on CPU)")
+    return device
+
+
+def load_data(cfg: Config, world: World, start: Start) -> Dataset:
+    """Rank 0 scans, checks and splits the data (or reads the resumed run's split.csv) and sends the
+    result to the others, so that other nodes need the images but not the run folder."""
+    data, resume = None, start.resume
+    if world.is_main:
+        split_file = resume.path.parent / "split.csv" if resume else None
+        classes = list(resume.state["classes"]) if resume else None
+        data = prepare_dataset(cfg, split_file, classes, start.split, start.log)
+    return distributed.broadcast_object(data, world)
+
+
+def build_training_model(
+    cfg: Config, num_classes: int, pretrained: str | None, device: torch.device, world: World, log: Log
+) -> nn.Module:
+    """The configured model on ``device``, started from the ``pretrained`` weights if given."""
+    options = model_options(cfg.to_dict())
+    name = options.pop("name")
+    model = build_model(name, num_classes=num_classes, **options)
+    if pretrained:
+        log(f"pretrained ({pretrained}): {load_pretrained(model, name, pretrained)}")
+    if cfg.train.sync_bn and world.distributed:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+    return model.to(device).to(memory_format=memory_format)
+
+
+def make_ema(cfg: Config, model: nn.Module):
+    if not cfg.train.ema:
+        return None
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.train.ema_decay), use_buffers=True)
+
+
+def make_objective(cfg: Config, data: Dataset, model: nn.Module, device: torch.device) -> Objective:
+    objective = Objective(cfg.train.label_smoothing, mix=make_mixer(cfg, len(data.classes)))
+    if cfg.data.balance == "loss":
+        counts = torch.tensor(data.counts("train"), dtype=torch.float)
+        objective.class_weights = (counts.sum() / (len(counts) * counts)).to(device)
+    gated = [block for _, block in learned_blocks(model)]  # reduction: learned
+    weight = cfg.model.learned.penalty
+    if gated and weight > 0:
+
+        def penalty() -> torch.Tensor:
+            return weight * sparsity_loss(gated)
+
+        objective.penalty = penalty
+    return objective
+
+
+def warn_short_gate_travel(cfg: Config, steps_per_epoch: int, log: Log) -> None:
+    """Learned SE widths under AdamW: say so when the run is too short for gates to close."""
+    if cfg.optim.name != "adamw":
+        return
+    travel = gate_travel(cfg, steps_per_epoch)
+    if travel < 2:  # gates start at 1: they could barely reach 0 by the last step
+        scale = cfg.model.learned.gate_lr_scale
+        log(
+            f"note: reduction: learned: in {cfg.train.epochs * steps_per_epoch} optimizer steps a gate can "
+            f"move by about {travel:.1f} in all and starts at 1, so few units can close; raise "
+            f"model.learned.gate_lr_scale (e.g. to {math.ceil(3 * scale / travel)}) or train for more steps"
+        )
+
+
+def restore(run: Run, resume: Resume) -> None:
+    """The resumed checkpoint's state into ``run``; a checkpoint that does not fit is one error line."""
+    try:
+        restore_training(run, resume.state, run.world.rank, run.world.size)
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise SemodelError(
+            f"{resume.path}: its training state does not fit the configured run ({first_line(e)}); "
+            "resume with the run's own config (leave out --set keys that change the model or optimizer)"
+        ) from None
+    p = run.progress
+    run.log(f"resuming {resume.path.parent} at epoch {p.epoch + 1} (step {p.step_in_epoch} of it)")
+
+
+def wrap_for_training(model: nn.Module, cfg: Config, world: World, device: torch.device) -> nn.Module:
+    train_model = torch.compile(model) if cfg.train.compile else model
     if world.distributed:
         from torch.nn.parallel import DistributedDataParallel
 
-        train_model = DistributedDataParallel(
-            train_model, device_ids=[device.index] if device.type == "cuda" else None
-        )
-    monitor_key, higher_better = MONITORS[cfg.train.monitor]
-    logger = Logger(run_dir, cfg.log.tensorboard and world.is_main, state.epoch + 1 if resumed else None)
-    config_dict = cfg.to_dict()
+        ids = [device.index] if device.type == "cuda" else None
+        train_model = DistributedDataParallel(train_model, device_ids=ids)
+    return train_model
 
-    def checkpoint(metrics: dict[str, Any] | None) -> dict[str, Any] | None:
-        rngs = distributed.gather_objects(rng_state(), world)  # a collective: every rank calls it
-        if not world.is_main:
-            return None
-        return {
-            "config": config_dict,
-            "classes": data.classes,
-            "preprocess": preprocess,
-            "model": model.state_dict(),
-            "ema": ema.module.state_dict() if ema is not None else None,
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-            "epoch": state.epoch,
-            "progress": vars(state).copy(),
-            "best": {"metric": cfg.train.monitor, "value": state.best_value, "epoch": state.best_epoch},
-            "metrics": metrics or {},
-            "history": history,
-            "rng": rngs[0],
-            "rng_ranks": rngs if world.distributed else [],
-            "world_size": world.size,
-            "run_dir": str(run_dir),
-        }
 
-    resume_hint = f"semodel train --resume {run_dir / 'last.pt'}" + (
-        f" --nproc {world.size}" if world.distributed else ""
-    )
-    where.update(run_dir=run_dir, resume_hint=resume_hint)
+def open_run_folder(run: Run, start: Start) -> None:
+    """Rank 0 makes the run folder (a new run) and writes split.csv and config.yaml; every rank
+    learns the folder and opens the TensorBoard stream (rank 0's only is enabled)."""
+    run_dir, resume = None, start.resume
+    if run.world.is_main:
+        if resume is not None:
+            run_dir = resume.path.parent
+            stale = remove_stale_temp_files(run_dir)  # left by a run killed while writing a checkpoint
+            if stale:
+                run.log(f"removed {stale} unfinished checkpoint temp file(s) from {run_dir}")
+        else:
+            name = run_name(run.cfg.log.name, start.config_path, "run")
+            run_dir = make_run_dir(Path(run.cfg.log.out_dir).expanduser(), name)
+        if run.data.split_file is None:
+            write_split_csv(run.data, run_dir / "split.csv")
+        write_yaml(run.cfg, run_dir / "config.yaml")
+    run.run_dir = distributed.broadcast_object(run_dir, run.world)
+    enabled = run.cfg.log.tensorboard and run.world.is_main
+    run.logger = Logger(run.run_dir, enabled, run.progress.epoch + 1 if run.resumed else None)
 
-    def save(ckpt: dict[str, Any], name: str) -> None:
-        try:
-            save_checkpoint(ckpt, run_dir / name)
-        except SemodelError as e:  # disk full, I/O error: say what is kept and how to go on
-            raise SemodelError(f"{e}; {resume_note(where)}") from None
 
-    history: list[dict[str, Any]] = list(resumed.get("history", [])) if resumed else []
-    with Interrupt() as interrupt:
-        while state.epoch < cfg.train.epochs:
-            epoch = state.epoch + 1
-            sampler.set_epoch(epoch, state.step_in_epoch)
-            t0 = time.time()
-            train_stats = train_one_epoch(
-                train_model,
-                ema,
-                train_loader,
-                optimizer,
-                scheduler,
-                scaler,
-                device,
-                dtype,
-                cfg,
-                mix,
-                class_weights,
-                state,
-                interrupt,
-                logger,
-                show_bars,
-                epoch,
-                resumed is None,
-                world,
-                penalty,
-            )
+# ----------------------------------------------------------------------------- the epoch loop
+
+
+def train_epochs(run: Run) -> None:
+    """Train epoch after epoch until ``train.epochs``, early stopping, or Ctrl-C."""
+    with Interrupt("finishing the current step, then saving last.pt") as interrupt:
+        while run.progress.epoch < run.cfg.train.epochs:
+            epoch = run.progress.epoch + 1
+            run.loaders.sampler.set_epoch(epoch, run.progress.step_in_epoch)
+            started = time.time()
+            train_stats = train_one_epoch(run, epoch, interrupt)
             if interrupt.requested:
-                ckpt = checkpoint(None)
-                if world.is_main:
-                    save(ckpt, "last.pt")
-                log(f"interrupted in epoch {epoch}; saved {run_dir / 'last.pt'}\nresume with: {resume_hint}")
-                logger.close()
-                raise SystemExit(130)
-            train_time = time.time() - t0
-            distributed.broadcast_buffers(model, world)
-            if ema is not None:
-                distributed.broadcast_buffers(ema.module, world)
-            eval_model = ema.module if ema is not None else model
-            probs, targets, val_loss = predict_probs(
-                eval_model, val_loader, device, dtype, cfg.train.channels_last
-            )
-            if world.distributed:
-                parts = distributed.gather_objects((probs, targets, val_loss * len(targets)), world)
-                probs = torch.cat([p for p, _, _ in parts])
-                targets = torch.cat([t for _, t, _ in parts])
-                val_loss = sum(loss for _, _, loss in parts) / len(targets)
-            if not math.isfinite(val_loss):  # the weights diverged in the epoch's last steps
-                raise SemodelError(diverged(f"validation loss became {val_loss} after epoch {epoch}", state))
-            metrics = classification_metrics(probs, targets, data.classes)
-            metrics["loss"] = val_loss
-            state.epoch, state.step_in_epoch = epoch, 0
-
-            value = metrics[monitor_key]
-            improved = state.best_value is None or (
-                value > state.best_value if higher_better else value < state.best_value
-            )
-            if improved:
-                state.best_value, state.best_epoch, state.stale_epochs = value, epoch, 0
-            else:
-                state.stale_epochs += 1
-            history.append({"epoch": epoch, "train": train_stats, "val": metrics})
-            ckpt = checkpoint(metrics)
-            if world.is_main:
-                # best.pt first: a crash between the two writes leaves last.pt one epoch behind,
-                # and the resumed run redoes the epoch and its best.pt. (The other order could
-                # leave a last.pt whose best epoch best.pt never received.)
-                if improved:
-                    save(ckpt, "best.pt")
-                save(ckpt, "last.pt")
-
-            lr = optimizer.param_groups[0]["lr"]
-            logger.scalars(
-                {
-                    "train/loss": train_stats["loss"],
-                    "train/acc": train_stats["acc"],
-                    "val/loss": val_loss,
-                    "val/acc": metrics["acc"],
-                    "val/balanced_acc": metrics["balanced_acc"],
-                    "val/f1_macro": metrics["f1_macro"],
-                    "val/auc": metrics["auc"],
-                    "lr": lr,
-                    "perf/images_per_s": train_stats["images_per_s"],
-                    "perf/epoch_time_s": time.time() - t0,
-                },
-                epoch,
-            )
-            logger.confusion(metrics["confusion_matrix"], data.classes, epoch)
-            widths = learned_widths(eval_model)
-            if widths:
-                logger.scalars(width_scalars(widths), epoch)
-            log(
-                f"epoch {epoch}/{cfg.train.epochs}  train loss {train_stats['loss']:.4f} acc {train_stats['acc']:.1%}  "
-                f"val loss {val_loss:.4f} acc {metrics['acc']:.1%} f1 {metrics['f1_macro']:.3f}  lr {lr:.2e}  "
-                f"{train_stats['images_per_s']:.0f} img/s  {train_time:.1f}s"
-                + (f"  SE units open {open_fraction(widths):.0%}" if widths else "")
-                + ("  *best*" if improved else "")
-            )
-            if cfg.train.patience and state.stale_epochs >= cfg.train.patience:
-                log(f"early stopping: {cfg.train.monitor} has not improved for {state.stale_epochs} epochs")
+                save_state(run, None, ["last.pt"])
+                last = run.run_dir / "last.pt"
+                run.log(f"interrupted in epoch {epoch}; saved {last}\nresume with: {run.resume_hint}")
+                raise Interrupted()
+            result = EpochResult(epoch, train_stats, {}, started, time.time() - started)
+            result.val = validate(run, epoch)
+            record_epoch(run, result)
+            # best.pt first: a crash between the two writes leaves last.pt one epoch behind, and
+            # the resumed run redoes the epoch and its best.pt. (The other order could leave a
+            # last.pt whose best epoch best.pt never received.)
+            save_state(run, result.val, ["best.pt", "last.pt"] if result.improved else ["last.pt"])
+            log_epoch(run, result)
+            if early_stop(run):
                 break
 
-    if on_finish is not None:
-        on_finish(model)
-    distributed.barrier(world)
-    if world.is_main:
-        finish_run(
-            cfg,
-            run_dir,
-            data,
-            model,
-            ema is not None,
-            state,
-            history,
-            device,
-            dtype,
-            loader_kw,
-            logger,
-            log,
-            t_start,
-        )
-    logger.close()
-    return run_dir
 
-
-def finish_run(
-    cfg, run_dir, data, model, use_ema, state, history, device, dtype, loader_kw, logger, log, t_start
-):
-    """Test the best weights on the held-out split (if any); write metrics.json and hparams."""
-    result: dict[str, Any] = {
-        "best": {"metric": cfg.train.monitor, "value": state.best_value, "epoch": state.best_epoch},
-        "epochs": state.epoch,
-        "wall_time_s": round(time.time() - t_start, 1),
-        "device": str(device),
-        "semodel_version": __version__,
-        "history": history,
-    }
-    best = load_checkpoint(run_dir / "best.pt")
-    result["val"] = best["metrics"]
-    model.load_state_dict(best["ema"] if use_ema else best["model"])
-    if learned_widths(model):
-        # reduction: learned: remove the closed units; eval, predict and export do the same on load.
-        params = sum(p.numel() for p in model.parameters())
-        widths = prune_attention(model)
-        pruned = sum(p.numel() for p in model.parameters())
-        result["learned_widths"] = widths
-        result["params"] = {"trained": params, "pruned": pruned}
-        log(f"learned SE widths (best weights, hidden units kept of started): {format_widths(widths)}")
-        log(
-            f"pruned the closed SE units: {params:,} -> {pruned:,} parameters "
-            f"(SE hidden units {sum(w['width'] for w in widths.values())} of {sum(w['start'] for w in widths.values())})"
-        )
-    if data.split("test"):
-        test_loader = DataLoader(
-            ImageList(data.root, data.split("test"), eval_transform(best["preprocess"])),
-            cfg.data.batch_size * 2,
-            **loader_kw,
-        )
-        probs, targets, test_loss = predict_probs(model, test_loader, device, dtype, cfg.train.channels_last)
-        test = classification_metrics(probs, targets, data.classes)
-        test["loss"] = test_loss
-        result["test"] = test
-        log(
-            f"test (best epoch {state.best_epoch}): acc {test['acc']:.1%}  balanced acc {test['balanced_acc']:.1%}  "
-            f"f1 {test['f1_macro']:.3f}  n={test['n']}"
-        )
-    write_text_atomic(run_dir / "metrics.json", json.dumps(result, indent=2) + "\n")
-    final = {
-        f"hparam/{k}": v for k, v in (result.get("test") or result["val"]).items() if isinstance(v, float)
-    }
-    logger.hparams(flat_hparams(cfg.to_dict()), final)
-    log(
-        f"done in {result['wall_time_s']:.0f}s: {run_dir}  (best {cfg.train.monitor} {state.best_value:.4f} "
-        f"at epoch {state.best_epoch}; checkpoints best.pt, last.pt)"
-    )
-
-
-def open_fraction(widths: dict[str, dict[str, int]]) -> float:
-    """Share of the learned SE blocks' starting parameters that are still open (units weighted by 2C)."""
-    total = sum(w["start"] * w["channels"] for w in widths.values())
-    return sum(w["width"] * w["channels"] for w in widths.values()) / max(total, 1)
-
-
-def width_scalars(widths: dict[str, dict[str, int]]) -> dict[str, float]:
-    """TensorBoard scalars for learned widths: per block, and the open share of all SE parameters."""
-    scalars = {f"attention/width/{name}": float(w["width"]) for name, w in widths.items()}
-    scalars["attention/open_fraction"] = open_fraction(widths)
-    return scalars
-
-
-def make_mixer(cfg: Config, num_classes: int):
-    """Batch-level mixup / cutmix (torchvision v2), or None."""
-    from torchvision.transforms import v2
-
-    choices = []
-    if cfg.data.mixup > 0:
-        choices.append(v2.MixUp(alpha=cfg.data.mixup, num_classes=num_classes))
-    if cfg.data.cutmix > 0:
-        choices.append(v2.CutMix(alpha=cfg.data.cutmix, num_classes=num_classes))
-    if not choices:
-        return None
-    return choices[0] if len(choices) == 1 else v2.RandomChoice(choices)
-
-
-def train_one_epoch(
-    model,
-    ema,
-    loader,
-    optimizer,
-    scheduler,
-    scaler,
-    device,
-    dtype,
-    cfg: Config,
-    mix,
-    class_weights,
-    state: RunState,
-    interrupt: Interrupt,
-    logger: Logger,
-    show_bars: bool,
-    epoch: int,
-    first_run: bool,
-    world: distributed.World = distributed.World(),
-    penalty: Callable[[], torch.Tensor] | None = None,
-) -> dict[str, float]:
+def train_one_epoch(run: Run, epoch: int, interrupt: Interrupt) -> dict[str, float]:
+    """One pass over the training batches (from where an interrupted epoch stopped); loss, accuracy
+    and images/s over all ranks."""
     from tqdm import tqdm
 
-    model.train()
-    accum = cfg.train.accum_steps
-    loss_sum, correct, seen = 0.0, 0, 0
-    t0 = time.time()
-    bar = tqdm(
-        loader,
-        desc=f"epoch {epoch}/{cfg.train.epochs}",
-        leave=False,
-        disable=not show_bars,
-        dynamic_ncols=True,
-    )
-    optimizer.zero_grad(set_to_none=True)
-    pending = 0
+    run.train_model.train()
+    accum = run.cfg.train.accum_steps
+    loader = run.loaders.train
+    loss_sum, correct, seen, pending, t0 = 0.0, 0, 0, 0, time.time()
     last_batch = len(loader) - 1
+    desc = f"epoch {epoch}/{run.cfg.train.epochs}"
+    bar = tqdm(loader, desc=desc, leave=False, disable=not run.show_bars, dynamic_ncols=True)
+    run.optimizer.zero_grad(set_to_none=True)
     for index, (images, labels) in enumerate(bar):
         if images.numel() == 0:
             continue
-        images = images.to(device, non_blocking=True)
-        labels = labels.to(device, non_blocking=True)
-        if cfg.train.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        if first_run and epoch == 1 and state.step_in_epoch == 0:
-            logger.samples(images, cfg.data.mean, cfg.data.std)
-        hard_labels = labels
-        if mix is not None:
-            images, labels = mix(images, labels)
         # Under DDP, gradients are averaged across ranks only on the micro-batch that steps.
-        skip_sync = world.distributed and pending + 1 < accum and index < last_batch
-        with model.no_sync() if skip_sync else nullcontext():
-            with autocast(device, dtype):
-                logits = model(images)
-            loss = F.cross_entropy(
-                logits.float(), labels, weight=class_weights, label_smoothing=cfg.train.label_smoothing
-            )
-            if not torch.isfinite(loss):
-                raise SemodelError(
-                    diverged(
-                        f"loss became {loss.item()} in epoch {epoch}, step {state.step_in_epoch + 1}", state
-                    )
-                )
-            total = (
-                loss + penalty() if penalty is not None else loss
-            )  # the sparsity loss of learned SE widths
-            scaler.scale(total / accum).backward()
+        sync = not run.world.distributed or pending + 1 >= accum or index >= last_batch
+        loss, logits, labels = forward_backward(run, epoch, images, labels, sync)
         pending += 1
-        state.step_in_epoch += 1
+        run.progress.step_in_epoch += 1
         if pending == accum:
-            optimizer_step(model, ema, optimizer, scheduler, scaler, cfg)
-            state.global_step += 1
+            optimizer_step(run)
             pending = 0
-        n = hard_labels.numel()
-        loss_sum += loss.item() * n
-        correct += (logits.argmax(1) == hard_labels).sum().item()
-        seen += n
-        if show_bars:
+        loss_sum += loss.item() * labels.numel()
+        correct += (logits.argmax(1) == labels).sum().item()
+        seen += labels.numel()
+        if run.show_bars:
+            lr = run.optimizer.param_groups[0]["lr"]
+            rate = seen / (time.time() - t0)
             bar.set_postfix(
-                loss=f"{loss_sum / seen:.3f}",
-                acc=f"{correct / seen:.1%}",
-                lr=f"{optimizer.param_groups[0]['lr']:.1e}",
-                ips=f"{seen / (time.time() - t0):.0f}",
+                loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.1%}", lr=f"{lr:.1e}", ips=f"{rate:.0f}"
             )
-        if pending == 0 and distributed.any_rank(interrupt.requested, world):
+        if pending == 0 and distributed.any_rank(interrupt.requested, run.world):
             interrupt.requested = True  # every rank stops after the same step
             break
     if pending and not interrupt.requested:
-        optimizer_step(model, ema, optimizer, scheduler, scaler, cfg)
-        state.global_step += 1
+        optimizer_step(run)
     bar.close()
     elapsed = max(time.time() - t0, 1e-9)
-    totals = distributed.gather_objects((loss_sum, correct, seen), world)
+    totals = distributed.gather_objects((loss_sum, correct, seen), run.world)
     loss_sum, correct, seen = (sum(t[i] for t in totals) for i in range(3))
     return {"loss": loss_sum / max(seen, 1), "acc": correct / max(seen, 1), "images_per_s": seen / elapsed}
 
 
-def optimizer_step(model, ema, optimizer, scheduler, scaler, cfg: Config) -> None:
-    if cfg.train.clip_grad:
-        scaler.unscale_(optimizer)
-        nn.utils.clip_grad_norm_(model.parameters(), cfg.train.clip_grad)
-    scaler.step(optimizer)
-    scaler.update()
-    optimizer.zero_grad(set_to_none=True)
-    scheduler.step()
-    if ema is not None:
-        ema.update_parameters(model)
+def forward_backward(
+    run: Run, epoch: int, images: torch.Tensor, labels: torch.Tensor, sync: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Loss and backward of one micro-batch; returns the loss, the logits and the (unmixed) labels."""
+    cfg, objective = run.cfg, run.objective
+    images = images.to(run.device, non_blocking=True)
+    labels = labels.to(run.device, non_blocking=True)
+    if cfg.train.channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    if not run.resumed and epoch == 1 and run.progress.step_in_epoch == 0:
+        run.logger.samples(images, cfg.data.mean, cfg.data.std)
+    targets = labels
+    if objective.mix is not None:
+        images, targets = objective.mix(images, labels)
+    with run.train_model.no_sync() if not sync else nullcontext():
+        with autocast(run.device, run.dtype):
+            logits = run.train_model(images)
+        loss = F.cross_entropy(
+            logits.float(), targets, weight=objective.class_weights, label_smoothing=objective.label_smoothing
+        )
+        if not torch.isfinite(loss):
+            step = run.progress.step_in_epoch + 1
+            raise SemodelError(
+                diverged(f"loss became {loss.item()} in epoch {epoch}, step {step}", run.progress)
+            )
+        total = loss + objective.penalty() if objective.penalty is not None else loss
+        run.scaler.scale(total / cfg.train.accum_steps).backward()
+    return loss, logits, labels
+
+
+def optimizer_step(run: Run) -> None:
+    if run.cfg.train.clip_grad:
+        run.scaler.unscale_(run.optimizer)
+        nn.utils.clip_grad_norm_(run.model.parameters(), run.cfg.train.clip_grad)
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scheduler.step()
+    run.progress.global_step += 1
+    if run.ema is not None:
+        run.ema.update_parameters(run.model)
+
+
+def validate(run: Run, epoch: int) -> dict[str, Any]:
+    """Metrics of the selected weights on the whole validation split (every rank scores its share)."""
+    distributed.broadcast_buffers(run.model, run.world)
+    if run.ema is not None:
+        distributed.broadcast_buffers(run.ema.module, run.world)
+    probs, targets, loss = predict_probs(
+        run.eval_model, run.loaders.val, run.device, run.dtype, run.cfg.train.channels_last
+    )
+    if run.world.distributed:
+        parts = distributed.gather_objects((probs, targets, loss * len(targets)), run.world)
+        probs = torch.cat([p for p, _, _ in parts])
+        targets = torch.cat([t for _, t, _ in parts])
+        loss = sum(part_loss for _, _, part_loss in parts) / len(targets)
+    if not math.isfinite(loss):  # the weights diverged in the epoch's last steps
+        raise SemodelError(diverged(f"validation loss became {loss} after epoch {epoch}", run.progress))
+    metrics = classification_metrics(probs, targets, run.data.classes)
+    metrics["loss"] = loss
+    return metrics
+
+
+def record_epoch(run: Run, result: EpochResult) -> None:
+    """Advance the progress past the epoch and note whether the monitored metric improved."""
+    p = run.progress
+    key, higher_better = MONITORS[run.cfg.train.monitor]
+    value = result.val[key]
+    result.improved = p.best_value is None or (
+        value > p.best_value if higher_better else value < p.best_value
+    )
+    p.epoch, p.step_in_epoch = result.epoch, 0
+    if result.improved:
+        p.best_value, p.best_epoch, p.stale_epochs = value, result.epoch, 0
+    else:
+        p.stale_epochs += 1
+    run.history.append({"epoch": result.epoch, "train": result.train, "val": result.val})
+
+
+def save_state(run: Run, metrics: dict[str, Any] | None, names: list[str]) -> None:
+    """Write the run's checkpoint to ``names`` in the run folder (rank 0; every rank must call it)."""
+    rngs = distributed.gather_objects(rng_state(), run.world)  # a collective: every rank calls it
+    if not run.world.is_main:
+        return
+    state = training_state(run, metrics, rngs)
+    for name in names:
+        try:
+            save_checkpoint(state, run.run_dir / name)
+        except SemodelError as e:  # disk full, I/O error: say what is kept and how to go on
+            raise SemodelError(f"{e}; {resume_note(run)}") from None
+
+
+def log_epoch(run: Run, result: EpochResult) -> None:
+    epoch, train, val = result.epoch, result.train, result.val
+    lr = run.optimizer.param_groups[0]["lr"]
+    run.logger.scalars(epoch_scalars(train, val, lr, time.time() - result.started), epoch)
+    run.logger.confusion(val["confusion_matrix"], run.data.classes, epoch)
+    widths = learned_widths(run.eval_model)
+    if widths:
+        run.logger.scalars(width_scalars(widths), epoch)
+    run.log(
+        f"epoch {epoch}/{run.cfg.train.epochs}  train loss {train['loss']:.4f} acc {train['acc']:.1%}  "
+        f"val loss {val['loss']:.4f} acc {val['acc']:.1%} f1 {val['f1_macro']:.3f}  lr {lr:.2e}  "
+        f"{train['images_per_s']:.0f} img/s  {result.train_time:.1f}s"
+        + (f"  SE units open {open_fraction(widths):.0%}" if widths else "")
+        + ("  *best*" if result.improved else "")
+    )
+
+
+def early_stop(run: Run) -> bool:
+    patience, stale = run.cfg.train.patience, run.progress.stale_epochs
+    if patience and stale >= patience:
+        run.log(f"early stopping: {run.cfg.train.monitor} has not improved for {stale} epochs")
+        return True
+    return False
+
+
+# ----------------------------------------------------------------------------- the end
+
+
+def finish_run(run: Run) -> None:
+    """Test the best weights on the held-out split (if any); write metrics.json and hparams."""
+    p = run.progress
+    result: dict[str, Any] = {
+        "best": {"metric": run.monitor, "value": p.best_value, "epoch": p.best_epoch},
+        "epochs": p.epoch,
+        "wall_time_s": round(time.time() - run.t_start, 1),
+        "device": str(run.device),
+        "semodel_version": __version__,
+        "history": run.history,
+    }
+    best = load_checkpoint(run.run_dir / "best.pt")
+    result["val"] = best["metrics"]
+    run.model.load_state_dict(best["ema"] if run.ema is not None else best["model"])
+    result.update(prune_learned_widths(run))
+    if run.data.split("test"):
+        result["test"] = test_best(run, best["preprocess"])
+    write_json(run.run_dir / "metrics.json", result)
+    final = {
+        f"hparam/{k}": v for k, v in (result.get("test") or result["val"]).items() if isinstance(v, float)
+    }
+    run.logger.hparams(flat_hparams(run.config), final)
+    run.log(
+        f"done in {result['wall_time_s']:.0f}s: {run.run_dir}  (best {run.monitor} {p.best_value:.4f} "
+        f"at epoch {p.best_epoch}; checkpoints best.pt, last.pt)"
+    )
+
+
+def prune_learned_widths(run: Run) -> dict[str, Any]:
+    """reduction: learned: remove the closed SE units of the best weights (eval, predict and export do
+    the same on load); the widths and parameter counts for metrics.json."""
+    if not learned_widths(run.model):
+        return {}
+    params = sum(p.numel() for p in run.model.parameters())
+    widths = prune_attention(run.model)
+    pruned = sum(p.numel() for p in run.model.parameters())
+    kept, started = sum(w["width"] for w in widths.values()), sum(w["start"] for w in widths.values())
+    run.log(f"learned SE widths (best weights, hidden units kept of started): {format_widths(widths)}")
+    run.log(
+        f"pruned the closed SE units: {params:,} -> {pruned:,} parameters "
+        f"(SE hidden units {kept} of {started})"
+    )
+    return {"learned_widths": widths, "params": {"trained": params, "pruned": pruned}}
+
+
+def test_best(run: Run, preprocess: dict[str, Any]) -> dict[str, Any]:
+    """Metrics of the best weights (in ``run.model``) on the test split."""
+    loader = eval_loader(
+        run.data.root,
+        run.data.split("test"),
+        preprocess,
+        run.cfg.data.batch_size * 2,
+        **run.loaders.loader_kw,
+    )
+    probs, targets, loss = predict_probs(
+        run.model, loader, run.device, run.dtype, run.cfg.train.channels_last
+    )
+    test = classification_metrics(probs, targets, run.data.classes)
+    test["loss"] = loss
+    run.log(
+        f"test (best epoch {run.progress.best_epoch}): acc {test['acc']:.1%}  balanced acc "
+        f"{test['balanced_acc']:.1%}  f1 {test['f1_macro']:.3f}  n={test['n']}"
+    )
+    return test
 
 
 # ----------------------------------------------------------------------------- CLI entry
 
 
 def train_from_cli(config_path: Path | None, overrides: list[str], resume: Path | None, quiet: bool) -> Path:
-    if resume is not None:
-        state = load_checkpoint(resume)
-        if "progress" not in state or "optimizer" not in state:
-            raise SemodelError(f"{resume}: has no training state to resume from")
-        raw = apply_overrides(state["config"], overrides)
-        cfg = config_from_dict(
-            raw, f"{resume} (with --set {' '.join(overrides)})" if overrides else str(resume)
+    if resume is None:
+        return fit(load_config(config_path, overrides), config_path, quiet=quiet)
+    state = load_resumable(resume)
+    source = f"{resume} (with --set {' '.join(overrides)})" if overrides else str(resume)
+    cfg = config_from_dict(apply_overrides(state["config"], overrides), source)
+    if config_path is not None and os.environ.get("RANK", "0") == "0":
+        print(
+            f"note: --resume continues with the config stored in {resume}; {config_path} is not read",
+            file=sys.stderr,
         )
-        if config_path is not None and os.environ.get("RANK", "0") == "0":
-            print(
-                f"note: --resume continues with the config stored in {resume}; {config_path} is not read",
-                file=sys.stderr,
-            )
-        return fit(cfg, None, resume, quiet, resumed=state)
-    cfg = load_config(config_path, overrides)
-    return fit(cfg, config_path, None, quiet)
+    return fit(cfg, resume=Resume(Path(resume), state), quiet=quiet)

@@ -20,8 +20,9 @@ from PIL import Image
 import semodel.cli
 from semodel.checkpoint import save_checkpoint
 from semodel.config import validate
-from semodel.data import eval_transform, load_rgb, preprocess_of
+from semodel.data import eval_transform, load_rgb
 from semodel.models import build_model
+from semodel.preprocess import preprocess_of
 
 CLASSES = ["cat", "dog", "fox"]
 # A colour per class, so that images of one class resemble each other.

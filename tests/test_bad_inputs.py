@@ -45,7 +45,8 @@ from helpers_train import tiny_config, write_config
 from PIL import Image
 
 from semodel.data import check_image, load_rgb, scan_dataset
-from semodel.predict import collect_inputs, preprocess_image
+from semodel.predict import collect_inputs
+from semodel.preprocess import preprocess_image
 
 TABLE_PAGE = Path(__file__).resolve().parent.parent / "docs" / "reliability.md"
 START, END = "<!-- bad-input-table:start -->", "<!-- bad-input-table:end -->"

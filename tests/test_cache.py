@@ -17,7 +17,8 @@ from helpers_train import (
 
 import semodel.cache as cache
 from semodel.config import validate
-from semodel.data import eval_transform, load_rgb, preprocess_of, scan_dataset
+from semodel.data import eval_transform, load_rgb, scan_dataset
+from semodel.preprocess import preprocess_of
 
 
 def full_box(n: int) -> torch.Tensor:

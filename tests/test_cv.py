@@ -29,7 +29,7 @@ import semodel.train
 from semodel.config import validate
 from semodel.cv import cv_from_cli, find_cv_dir, make_folds, match_copies
 from semodel.data import Sample, group_of, scan_dataset
-from semodel.evaluate import EvalSet, evaluate_checkpoint
+from semodel.evaluate import EvalOptions, EvalSet, evaluate_checkpoint
 
 CLASSES = ["cat", "dog"]
 PATIENT = r"^(P\d+)_"
@@ -280,9 +280,8 @@ def test_the_weights_choice_picks_the_checkpoint_and_needs_no_retraining(cv, cho
         assert Path(f["checkpoint"]) == fold_dir / file and f["ema"] is ema
         assert f["epoch"] == (1 if file == "best.pt" else 2)
         images = EvalSet(cv["root"], fold_test_images(cv_dir, f["fold"]), "test", "t")
-        direct = evaluate_checkpoint(
-            fold_dir / file, device="cpu", use_ema=ema, workers=0, log=lambda _: None, images=images
-        )
+        options = EvalOptions(device="cpu", use_ema=ema, workers=0)
+        direct = evaluate_checkpoint(fold_dir / file, options=options, log=lambda _: None, images=images)
         assert f["acc"] == direct.report["metrics"]["acc"] and f["auc"] == direct.report["metrics"]["auc"]
         stored = json.loads((fold_dir / "test_metrics.json").read_text())
         assert stored["choice"] == choice and stored["metrics"]["loss"] == direct.report["metrics"]["loss"]
@@ -297,8 +296,7 @@ def test_best_and_last_weights_differ_here(cv):
     losses = [
         evaluate_checkpoint(
             fold_dir / name,
-            device="cpu",
-            workers=0,
+            options=EvalOptions(device="cpu", workers=0),
             log=lambda _: None,
             images=EvalSet(cv["root"], images, "test", "t"),
         ).report["metrics"]["loss"]

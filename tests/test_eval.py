@@ -24,7 +24,7 @@ from helpers_ckpt import (
 from PIL import Image
 
 from semodel.checkpoint import build_from_checkpoint, load_checkpoint
-from semodel.evaluate import evaluate_checkpoint
+from semodel.evaluate import EvalOptions, evaluate_checkpoint
 from semodel.metrics import classification_metrics
 
 # Per class: images 0 and 1 are test, 2 is val, 3 is train.
@@ -164,7 +164,7 @@ def test_ema_flag_without_ema_weights(run, capsys, tmp_path):
 
 
 def test_tta_averages_the_flipped_prediction(run):
-    result = evaluate_checkpoint(run["ckpt"], tta=True, device="cpu")
+    result = evaluate_checkpoint(run["ckpt"], options=EvalOptions(tta=True, device="cpu"))
     state = load_checkpoint(run["ckpt"])
     model = build_from_checkpoint(state)
     from semodel.data import eval_transform, load_rgb

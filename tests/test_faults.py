@@ -218,8 +218,8 @@ def test_image_deleted_after_the_scan_is_skipped(tmp_path, monkeypatch, capsys):
     real_prepare = semodel.train.prepare_dataset
     deleted = []
 
-    def prepare_then_delete(cfg, run_dir, **kwargs):
-        data = real_prepare(cfg, run_dir, **kwargs)
+    def prepare_then_delete(*args, **kwargs):
+        data = real_prepare(*args, **kwargs)
         for split in ("train", "val"):  # gone between the scan (and split.csv) and the first read
             path = data.root / data.split(split)[0].path
             path.unlink()
@@ -238,9 +238,9 @@ def test_image_deleted_after_the_scan_is_skipped(tmp_path, monkeypatch, capsys):
 
 # The train transform, wrapped to end the DataLoader worker process that runs it at its N-th image.
 DIE_IN_WORKER = """
-import os, signal, semodel.train
+import os, signal, semodel.data
 from torch.utils.data import get_worker_info
-real = semodel.train.train_transform
+real = semodel.data.train_transform
 def train_transform(cfg):
     inner, calls = real(cfg), [0]
     def transform(image):
@@ -250,7 +250,7 @@ def train_transform(cfg):
                 {how}
         return inner(image)
     return transform
-semodel.train.train_transform = train_transform
+semodel.data.train_transform = train_transform
 """
 
 
@@ -298,8 +298,8 @@ def test_text_files_are_written_atomically(tmp_path, monkeypatch):
     write is one clear error, the previous file is kept and no temp file is left."""
     import errno
 
-    from semodel.checkpoint import write_text_atomic
     from semodel.errors import SemodelError
+    from semodel.files import write_text_atomic
 
     path = write_text_atomic(tmp_path / "metrics.json", "old\n")
 

@@ -20,7 +20,7 @@ import semodel
 from semodel.cli import app
 from semodel.errors import SemodelError
 from semodel.models import MODEL_NAMES, SEDenseNet, SEResNet, build_model, torchvision_name
-from semodel.models.attention import SqueezeExcite
+from semodel.models.attention import AttentionSpec, SqueezeExcite
 from semodel.models.densenet import DenseBlock, DenseLayer, se_densenet
 from semodel.models.resnet import BasicBlock, Bottleneck, se_resnet
 from semodel.models.summary import ModelSize, format_table, measure, summarize
@@ -292,7 +292,12 @@ def test_se_resnet_adds_only_se_keys(depth):
 def test_published_resnet_parameter_counts():
     assert n_params(on_meta(build_model, "se_resnet50", attention="none")) == 25_557_032
     assert n_params(on_meta(build_model, "se_resnet50", num_classes=1000)) == 28_088_024
-    assert n_params(on_meta(se_resnet, 50, reduction=16, min_channels=1, bias=True)) == 28_088_024
+    assert (
+        n_params(
+            on_meta(se_resnet, 50, attention=AttentionSpec("se", reduction=16, min_channels=1, bias=True))
+        )
+        == 28_088_024
+    )
     assert n_params(on_meta(build_model, "se_resnet18", num_classes=1000)) == 11_778_592
     assert n_params(on_meta(build_model, "se_resnet18", attention="none")) == 11_689_512
 

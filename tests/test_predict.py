@@ -25,11 +25,12 @@ from helpers_ckpt import (
 )
 from PIL import Image
 
-import semodel.predict
+import semodel.preprocess
 from semodel.checkpoint import build_from_checkpoint, load_checkpoint
 from semodel.data import eval_transform, load_rgb
 from semodel.gradcam import grad_cam, model_view_box
-from semodel.predict import collect_inputs, preprocess_image
+from semodel.predict import collect_inputs
+from semodel.preprocess import preprocess_image
 
 # Every image is fitted to its true class, except two that the model gets wrong on purpose.
 WRONG = {"cat_1": "fox", "dog_2": "cat"}
@@ -67,7 +68,7 @@ def test_preprocess_is_the_eval_transform(native, monkeypatch, tmp_path):
     """predict's torchvision-free preprocessing gives exactly torchvision's tensor."""
     import torchvision.transforms.v2.functional._geometry as tv_geometry
 
-    monkeypatch.setattr(semodel.predict, "_uint8_resize_is_native", lambda: native)
+    monkeypatch.setattr(semodel.preprocess, "_uint8_resize_is_native", lambda: native)
     monkeypatch.setattr(tv_geometry, "_do_native_uint8_resize_on_cpu", lambda interpolation: native)
     pre = {"image_size": 32, "resize": 37, "mean": [0.4, 0.5, 0.6], "std": [0.2, 0.25, 0.3]}
     transform = eval_transform(pre | {"interpolation": "bilinear"})

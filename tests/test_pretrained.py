@@ -42,6 +42,12 @@ def report_counts(text: str) -> tuple[str, int, int, int, str]:
     return match["source"], int(match["loaded"]), int(match["new"]), int(match["skipped"]), lines[0]
 
 
+def build_pretrained(name: str, source, **options):
+    """``build_model`` then ``load_pretrained``, as ``semodel train`` does: the model and the line it logs."""
+    model = build_model(name, **options)
+    return model, f"pretrained ({source}): {load_pretrained(model, name, str(source))}"
+
+
 @pytest.fixture(scope="module")
 def resnet18_state():
     torch.manual_seed(123)
@@ -55,12 +61,12 @@ def resnet18_file(tmp_path, resnet18_state):
     return path
 
 
-def test_resnet18_weights_load_into_se_resnet18(resnet18_file, resnet18_state, capsys):
+def test_resnet18_weights_load_into_se_resnet18(resnet18_file, resnet18_state):
     saved = torch.load(resnet18_file, weights_only=True)
     torch.manual_seed(0)
     fresh = build_model("se_resnet18", num_classes=5).state_dict()
     torch.manual_seed(0)
-    model = build_model("se_resnet18", num_classes=5, pretrained=str(resnet18_file))
+    model, text = build_pretrained("se_resnet18", resnet18_file, num_classes=5)
     own = model.state_dict()
 
     copied = [k for k in saved if not k.startswith("fc.")]
@@ -80,7 +86,7 @@ def test_resnet18_weights_load_into_se_resnet18(resnet18_file, resnet18_state, c
     assert own["fc.weight"].shape == (5, 512)
     assert torch.equal(own["fc.weight"], fresh["fc.weight"])
 
-    source, loaded, new, skipped, line = report_counts(capsys.readouterr().out)
+    source, loaded, new, skipped, line = report_counts(text)
     assert source == str(resnet18_file)
     assert (loaded, new, skipped) == (120, 34, 2)  # new: 32 SE tensors + fc.weight + fc.bias
     assert "fc.weight" in line and "fc.bias" in line
@@ -99,26 +105,26 @@ def test_pretrained_model_computes_like_torchvision_when_se_is_open(resnet18_fil
         torch.testing.assert_close(model(x), tv(x))
 
 
-def test_same_number_of_classes_keeps_the_classifier(resnet18_file, resnet18_state, capsys):
-    model = build_model("se_resnet18", num_classes=1000, pretrained=str(resnet18_file))
+def test_same_number_of_classes_keeps_the_classifier(resnet18_file, resnet18_state):
+    model, text = build_pretrained("se_resnet18", resnet18_file, num_classes=1000)
     assert torch.equal(model.fc.weight, resnet18_state["fc.weight"])
-    assert report_counts(capsys.readouterr().out)[1:4] == (122, 32, 0)
+    assert report_counts(text)[1:4] == (122, 32, 0)
 
 
-def test_checkpoint_style_wrappers(tmp_path, resnet18_state, capsys):
+def test_checkpoint_style_wrappers(tmp_path, resnet18_state):
     for wrapper in ("model", "state_dict"):
         path = tmp_path / f"{wrapper}.pt"
         torch.save({wrapper: resnet18_state, "epoch": 3}, path)
-        model = build_model("se_resnet18", num_classes=5, pretrained=str(path))
+        model, text = build_pretrained("se_resnet18", path, num_classes=5)
         assert torch.equal(model.layer4[1].conv2.weight, resnet18_state["layer4.1.conv2.weight"])
-        assert report_counts(capsys.readouterr().out)[1:4] == (120, 34, 2)
+        assert report_counts(text)[1:4] == (120, 34, 2)
 
 
-def test_cifar_stem_skips_the_imagenet_stem_conv(resnet18_file, resnet18_state, capsys):
-    model = build_model("se_resnet18", num_classes=5, stem="cifar", pretrained=str(resnet18_file))
+def test_cifar_stem_skips_the_imagenet_stem_conv(resnet18_file, resnet18_state):
+    model, text = build_pretrained("se_resnet18", resnet18_file, num_classes=5, stem="cifar")
     assert model.conv1.weight.shape == (64, 3, 3, 3)
     assert torch.equal(model.bn1.weight, resnet18_state["bn1.weight"])
-    _, loaded, new, skipped, line = report_counts(capsys.readouterr().out)
+    _, loaded, new, skipped, line = report_counts(text)
     assert (loaded, new, skipped) == (119, 35, 3)
     assert "conv1.weight" in line
 
@@ -164,19 +170,18 @@ def _check_densenet_load(model, fresh, saved_new_style, text, n_new_nbt=0):
     assert skipped == 2 and "classifier.weight" in line
 
 
-def test_densenet121_weights_load(tmp_path, densenet121_state, capsys):
+def test_densenet121_weights_load(tmp_path, densenet121_state):
     path = tmp_path / "densenet121.pth"
     torch.save(densenet121_state, path)
     torch.manual_seed(0)
     fresh = build_model("se_densenet121", num_classes=5).state_dict()
     torch.manual_seed(0)
-    model = build_model("se_densenet121", num_classes=5, pretrained=str(path))
-    text = capsys.readouterr().out
+    model, text = build_pretrained("se_densenet121", path, num_classes=5)
     _check_densenet_load(model, fresh, densenet121_state, text)
     assert report_counts(text)[1:4] == (725, 18, 2)  # 727 torchvision tensors; 16 SE + 2 classifier new
 
 
-def test_densenet121_old_key_style_loads(tmp_path, densenet121_state, capsys):
+def test_densenet121_old_key_style_loads(tmp_path, densenet121_state):
     """Files from old torchvision name the layers ``norm.1`` / ``conv.2`` and have no num_batches_tracked."""
     old = {}
     for key, value in densenet121_state.items():
@@ -194,10 +199,9 @@ def test_densenet121_old_key_style_loads(tmp_path, densenet121_state, capsys):
     torch.manual_seed(0)
     fresh = build_model("se_densenet121", num_classes=5).state_dict()
     torch.manual_seed(0)
-    model = build_model("se_densenet121", num_classes=5, pretrained=str(path))
+    model, text = build_pretrained("se_densenet121", path, num_classes=5)
     expected = {k: v for k, v in densenet121_state.items() if not k.endswith("num_batches_tracked")}
     n_nbt = sum(1 for k in densenet121_state if k.endswith("num_batches_tracked"))
-    text = capsys.readouterr().out
     _check_densenet_load(model, fresh, expected, text, n_new_nbt=n_nbt)
     assert n_nbt == 121 and report_counts(text)[1:4] == (604, 139, 2)
     assert torch.equal(
@@ -206,15 +210,15 @@ def test_densenet121_old_key_style_loads(tmp_path, densenet121_state, capsys):
     )
 
 
-def test_densenet_layer_placement_loads_the_same_backbone(tmp_path, densenet121_state, capsys):
+def test_densenet_layer_placement_loads_the_same_backbone(tmp_path, densenet121_state):
     path = tmp_path / "densenet121.pth"
     torch.save(densenet121_state, path)
-    model = build_model("se_densenet121", num_classes=5, placement="layer", pretrained=str(path))
+    model, text = build_pretrained("se_densenet121", path, num_classes=5, placement="layer")
     assert torch.equal(
         model.features.denseblock3.denselayer24.conv2.weight,
         densenet121_state["features.denseblock3.denselayer24.conv2.weight"],
     )
-    assert report_counts(capsys.readouterr().out)[1:4] == (725, 58 * 4 + 2, 2)
+    assert report_counts(text)[1:4] == (725, 58 * 4 + 2, 2)
 
 
 # --------------------------------------------------------------------------------------------
@@ -308,10 +312,10 @@ def test_imagenet_without_network_says_to_pass_a_local_file(monkeypatch, name, w
     assert "\n" not in message
 
 
-def test_imagenet_loads_torchvision_weights_api_result(monkeypatch, resnet18_state, capsys):
+def test_imagenet_loads_torchvision_weights_api_result(monkeypatch, resnet18_state):
     """With a (patched) download, ``imagenet`` goes through torchvision's weights API and loads it."""
     monkeypatch.setattr(WeightsEnum, "get_state_dict", lambda self, *a, **k: resnet18_state)
-    model = build_model("se_resnet18", num_classes=5, pretrained="imagenet")
+    model, text = build_pretrained("se_resnet18", "imagenet", num_classes=5)
     assert torch.equal(model.layer1[0].conv1.weight, resnet18_state["layer1.0.conv1.weight"])
-    source, loaded, new, skipped, _ = report_counts(capsys.readouterr().out)
+    source, loaded, new, skipped, _ = report_counts(text)
     assert (source, loaded, new, skipped) == ("imagenet", 120, 34, 2)

@@ -11,6 +11,7 @@ import filecmp
 import io
 import json
 import math
+import re
 import shutil
 from pathlib import Path
 
@@ -34,11 +35,14 @@ from helpers_train import (
 from PIL import Image
 
 import semodel
+import semodel.loaders
 import semodel.train
 from semodel.checkpoint import build_from_checkpoint
 from semodel.config import load_config, validate
-from semodel.data import prepare_dataset, preprocess_of
-from semodel.train import fit, new_run_dir, train_from_cli
+from semodel.data import prepare_dataset, write_split_csv
+from semodel.files import make_run_dir, run_name
+from semodel.preprocess import preprocess_of
+from semodel.train import fit, train_from_cli
 
 CLASSES = ["cat", "dog", "fox"]
 # Scalars logged once per epoch (step = epoch).
@@ -122,6 +126,28 @@ def test_run_folder_holds_config_split_events_checkpoints_metrics(straight):
     assert metrics["best"]["metric"] == "val_acc" and metrics["best"]["value"] == best["metrics"]["acc"]
     assert metrics["val"] == best["metrics"] and metrics["val"]["n"] == 6
     assert metrics["test"]["n"] == 6 and 0 <= metrics["test"]["acc"] <= 1
+
+
+# The checkpoint format, frozen: a change to it must change this set, semodel/checkpoint.py's
+# docstring, and (if old files no longer load) checkpoint.FORMAT_VERSION, deliberately.
+CHECKPOINT_KEYS = {
+    "semodel", "config", "classes", "preprocess", "model", "ema", "epoch", "progress", "best", "metrics",
+    "history", "optimizer", "scheduler", "scaler", "rng", "rng_ranks", "world_size", "run_dir",
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", ["last.pt", "best.pt"])
+def test_checkpoint_key_set_is_frozen(straight, name):
+    from semodel import checkpoint
+
+    state = load_ckpt(straight["run_dir"] / name)
+    assert set(state) == CHECKPOINT_KEYS
+    assert set(state["progress"]) == {
+        "epoch", "step_in_epoch", "global_step", "best_value", "best_epoch", "stale_epochs"
+    }  # fmt: skip
+    # Every key is documented in the module that owns the format.
+    documented = set(re.findall(r"^    (\w+(?:, \w+)*) {2,}", checkpoint.__doc__, flags=re.M))
+    assert {k for line in documented for k in line.split(", ")} == CHECKPOINT_KEYS
 
 
 @pytest.mark.parametrize("name", ["last.pt", "best.pt"])
@@ -252,14 +278,14 @@ def test_run_folder_gets_a_suffix_when_taken(straight, one_epoch, tmp_path):
     assert one_epoch["run_dir"] == straight["base"] / "runs" / "det-2"
     assert (straight["run_dir"] / "last.pt").exists()  # the first run is untouched
     # And the rule itself: -2, -3, ...; the name defaults to the config file's name.
-    cfg = validate(tiny_config(tmp_path / "data", tmp_path / "runs", "exp"), "t")
     (tmp_path / "runs" / "exp").mkdir(parents=True)
     (tmp_path / "runs" / "exp" / "keep.txt").write_text("mine")
-    assert new_run_dir(cfg, None) == tmp_path / "runs" / "exp-2"
-    assert new_run_dir(cfg, None) == tmp_path / "runs" / "exp-3"
+    assert make_run_dir(tmp_path / "runs", "exp") == tmp_path / "runs" / "exp-2"
+    assert make_run_dir(tmp_path / "runs", "exp") == tmp_path / "runs" / "exp-3"
     assert (tmp_path / "runs" / "exp" / "keep.txt").read_text() == "mine"
-    unnamed = validate(tiny_config(tmp_path / "data", tmp_path / "runs", None), "t")
-    assert new_run_dir(unnamed, Path("configs/recipe.yaml")) == tmp_path / "runs" / "recipe"
+    assert run_name(None, Path("configs/recipe.yaml"), "run") == "recipe"
+    assert run_name("exp", Path("configs/recipe.yaml"), "run") == "exp"
+    assert run_name(None, None, "run") == "run"
 
 
 def test_resume_gives_bit_identical_weights_in_the_same_folder(straight, one_epoch, capsys):
@@ -376,7 +402,10 @@ def _prepare(tmp_path: Path, root: Path, resume: bool = False, **split):
     run_dir = tmp_path / "runs" / "s"
     run_dir.mkdir(parents=True, exist_ok=True)
     lines: list[str] = []
-    data = prepare_dataset(cfg, run_dir, resume=resume, log=lines.append)
+    split_file = run_dir / "split.csv"
+    data = prepare_dataset(cfg, split_file if resume else None, log=lines.append)
+    if data.split_file is None:  # a new split: written as a run writes it
+        write_split_csv(data, split_file)
     return data, run_dir, lines
 
 
@@ -496,8 +525,7 @@ def test_model_num_classes_must_agree_with_the_data(tmp_path, capsys):
     assert "3 classes (cat, dog, fox)" in err
     # Agreeing is fine.
     cfg = validate(tiny_config(root, tmp_path / "runs", "n", model={"num_classes": 3}), "t")
-    (tmp_path / "ok").mkdir()
-    assert prepare_dataset(cfg, tmp_path / "ok", log=lambda _: None).classes == CLASSES
+    assert prepare_dataset(cfg, log=lambda _: None).classes == CLASSES
 
 
 def test_empty_class_folder_is_a_clear_error(tmp_path, capsys):
@@ -556,7 +584,7 @@ def test_class_balancing_and_mixing_run(tmp_path, monkeypatch, balance, mixing):
 
     samplers, losses = [], []
 
-    class RecordingSampler(semodel.train.EpochBatchSampler):
+    class RecordingSampler(semodel.loaders.EpochBatchSampler):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             samplers.append(self)
@@ -568,7 +596,7 @@ def test_class_balancing_and_mixing_run(tmp_path, monkeypatch, balance, mixing):
             losses.append((target.detach().clone(), kwargs.get("weight")))
         return real_cross_entropy(logits, target, *args, **kwargs)
 
-    monkeypatch.setattr(semodel.train, "EpochBatchSampler", RecordingSampler)
+    monkeypatch.setattr(semodel.loaders, "EpochBatchSampler", RecordingSampler)
     monkeypatch.setattr(semodel.train.F, "cross_entropy", recording_cross_entropy)
     run_dir = fit(cfg, quiet=True, log=lambda _: None)
 

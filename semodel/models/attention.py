@@ -23,6 +23,8 @@ Every module computes ``w`` in two steps, ``excitation(x) = excite(squeeze(x))``
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -243,32 +245,61 @@ class EfficientChannelAttention(nn.Module):
 ATTENTIONS = ("se", "eca", "none")
 ATTENTION_TYPES = (SqueezeExcite, EfficientChannelAttention)
 
+# What a block is given to make its attention: channels -> module.
+AttentionFactory = Callable[[int], nn.Module]
 
-def make_attention(
-    kind: str,
-    channels: int,
-    reduction: float | str = 16,
-    min_channels: int = 1,
-    bias: bool = True,
-    gate: str = "sigmoid",
-    start_reduction: float = 4,
-) -> nn.Module | None:
-    """Build the attention module named ``kind`` for ``channels`` channels (None for ``"none"``).
 
-    ``reduction="learned"`` makes a ``LearnedWidthSE`` starting at ``start_reduction``; ECA ignores
-    ``reduction``, ``min_channels`` and ``bias``.
+@dataclass(frozen=True)
+class AttentionSpec:
+    """The channel attention every block of a model gets, with all its options, as one object.
+
+    Built once from the config and handed down to every block (as timm's ``attn_layer``);
+    calling it with a channel count makes the module. The options are checked here, once, so a
+    bad option fails before any layer is built.
+
+    Args:
+        kind: ``"se"`` or ``"eca"`` (``AttentionSpec.of("none")`` is None: no attention).
+        reduction: SE ratio r, or ``"learned"`` for a ``LearnedWidthSE`` started at ``start_reduction``.
+        min_channels, bias: SE hidden-width floor and FC biases (ECA has neither).
+        gate: ``"sigmoid"`` or ``"hard_sigmoid"``.
     """
-    if kind == "none":
-        return None
-    if kind == "se":
-        if reduction == "learned":
-            return LearnedWidthSE(channels, start_reduction, min_channels, bias, gate)
-        if isinstance(reduction, str):
-            raise ValueError(f"reduction must be a number or 'learned', got {reduction!r}")
-        return SqueezeExcite(channels, reduction, min_channels, bias, gate)
-    if kind == "eca":
-        return EfficientChannelAttention(channels, gate=gate)
-    raise ValueError(f"unknown attention {kind!r}; choose one of {', '.join(ATTENTIONS)}")
+
+    kind: str = "se"
+    reduction: float | str = 16
+    min_channels: int = 1
+    bias: bool = True
+    gate: str = "sigmoid"
+    start_reduction: float = 4
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("se", "eca"):
+            raise ValueError(f"unknown attention {self.kind!r}; choose one of {', '.join(ATTENTIONS)}")
+        if self.gate not in GATES:
+            raise ValueError(f"unknown gate {self.gate!r}; choose one of {', '.join(GATES)}")
+        if isinstance(self.reduction, str) and self.reduction != "learned":
+            raise ValueError(f"reduction must be a number or 'learned', got {self.reduction!r}")
+        if not isinstance(self.reduction, str) and self.reduction <= 0:
+            raise ValueError(f"reduction must be > 0, got {self.reduction}")
+        if self.start_reduction <= 0:
+            raise ValueError(f"start_reduction must be > 0, got {self.start_reduction}")
+
+    @classmethod
+    def of(cls, kind: str, **options) -> AttentionSpec | None:
+        """The spec for ``kind`` (``"se"``, ``"eca"``), or None for ``"none"``."""
+        return None if kind == "none" else cls(kind, **options)
+
+    def __call__(self, channels: int) -> nn.Module:
+        if self.kind == "eca":
+            return EfficientChannelAttention(channels, gate=self.gate)
+        if self.reduction == "learned":
+            return LearnedWidthSE(channels, self.start_reduction, self.min_channels, self.bias, self.gate)
+        return SqueezeExcite(channels, self.reduction, self.min_channels, self.bias, self.gate)
+
+
+def make_attention(kind: str, channels: int, **options) -> nn.Module | None:
+    """One attention module: ``AttentionSpec.of(kind, **options)(channels)``, None for ``"none"``."""
+    spec = AttentionSpec.of(kind, **options)
+    return spec(channels) if spec is not None else None
 
 
 # ----------------------------------------------------------------------------- learned widths

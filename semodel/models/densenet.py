@@ -28,11 +28,10 @@ import torch.nn.functional as F
 import torch.utils.checkpoint as cp
 from torch import nn
 
-from semodel.models.attention import make_attention
+from semodel.models.attention import AttentionFactory, AttentionSpec
 from semodel.models.resnet import init_backbone
 
 PLACEMENTS = ("layer", "block", "final", "none")
-AttentionFactory = Callable[[int], "nn.Module | None"]
 
 
 class DenseLayer(nn.Module):
@@ -238,34 +237,22 @@ DEPTHS = {
 def se_densenet(
     depth: int,
     num_classes: int = 1000,
-    attention: str = "se",
-    reduction: float | str = 16,
-    min_channels: int = 1,
-    bias: bool = True,
-    gate: str = "sigmoid",
+    attention: AttentionSpec | None = AttentionSpec(),
     placement: str | Iterable[str] = "block",
     stem: str = "imagenet",
     drop_rate: float = 0.0,
     memory_efficient: bool = False,
-    start_reduction: float = 4,
 ) -> SEDenseNet:
-    """SE-DenseNet of the given depth (121, 169, 201)."""
+    """SE-DenseNet of the given depth (121, 169, 201); ``attention=None`` is the plain DenseNet."""
     if depth not in DEPTHS:
         raise ValueError(f"no SE-DenseNet of depth {depth}; choose one of {sorted(DEPTHS)}")
-    factory = None
-    if attention != "none":
-        make_attention(attention, 8, reduction, min_channels, bias, gate, start_reduction)  # fail early
-        normalize_placement(placement)
-
-        def factory(channels: int) -> nn.Module | None:
-            return make_attention(attention, channels, reduction, min_channels, bias, gate, start_reduction)
-
+    normalize_placement(placement)  # a bad placement fails even where attention is None
     return SEDenseNet(
         DEPTHS[depth],
         num_classes=num_classes,
         drop_rate=drop_rate,
         memory_efficient=memory_efficient,
-        attention=factory,
+        attention=attention,
         placement=placement,
         stem=stem,
     )

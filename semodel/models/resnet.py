@@ -10,16 +10,11 @@ identity addition; the shortcut is never scaled; the ReLU follows the addition.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from functools import partial
-
 import torch
 from torch import nn
 
-from semodel.models.attention import make_attention
+from semodel.models.attention import AttentionFactory, AttentionSpec
 from semodel.models.fused import se_residual_tail
-
-AttentionFactory = Callable[[int], "nn.Module | None"]
 
 
 def init_backbone(model: nn.Module) -> None:
@@ -233,29 +228,13 @@ DEPTHS = {
 def se_resnet(
     depth: int,
     num_classes: int = 1000,
-    attention: str = "se",
-    reduction: float | str = 16,
-    min_channels: int = 1,
-    bias: bool = True,
-    gate: str = "sigmoid",
+    attention: AttentionSpec | None = AttentionSpec(),
     stem: str = "imagenet",
     drop_rate: float = 0.0,
     zero_init_residual: bool = False,
-    start_reduction: float = 4,
 ) -> SEResNet:
-    """SE-ResNet of the given depth (18, 34, 50, 101, 152)."""
+    """SE-ResNet of the given depth (18, 34, 50, 101, 152); ``attention=None`` is the plain ResNet."""
     if depth not in DEPTHS:
         raise ValueError(f"no SE-ResNet of depth {depth}; choose one of {sorted(DEPTHS)}")
     block, layers = DEPTHS[depth]
-    factory = None
-    if attention != "none":
-        options = dict(
-            reduction=reduction,
-            min_channels=min_channels,
-            bias=bias,
-            gate=gate,
-            start_reduction=start_reduction,
-        )
-        make_attention(attention, 8, **options)  # fail early on a bad kind or option
-        factory = partial(make_attention, attention, **options)
-    return SEResNet(block, layers, num_classes, factory, stem, drop_rate, zero_init_residual)
+    return SEResNet(block, layers, num_classes, attention, stem, drop_rate, zero_init_residual)
