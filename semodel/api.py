@@ -50,7 +50,7 @@ def evaluate_model(
     *,
     split: str = "auto",
     device: str = "auto",
-    ema: bool = False,
+    ema: bool | None = None,
     tta: bool = False,
     batch_size: int = 64,
 ) -> dict[str, Any]:
@@ -68,7 +68,7 @@ def predict_files(
     *,
     topk: int | None = None,
     device: str = "auto",
-    ema: bool = False,
+    ema: bool | None = None,
     batch_size: int = 32,
 ) -> list[dict[str, Any]]:
     """Top-k classes per image, as ``semodel predict`` finds them (files, folders, glob patterns).

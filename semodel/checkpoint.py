@@ -23,12 +23,14 @@ A checkpoint is a dict of plain tensors, dicts, lists, numbers and strings, so t
     rng_ranks      every rank's streams under DDP, else []
     world_size     processes that trained it
     run_dir        the run folder as training saw it (eval uses it to find a relative data root)
+    data_root      the data root as an absolute path at training time (where eval looks first)
 
 ``best.pt`` and ``last.pt`` hold the same keys; ``TRAINING_KEYS`` are what resume needs.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -37,7 +39,7 @@ import torch
 from torch import nn
 
 from semodel._version import __version__
-from semodel.errors import SemodelError, first_line
+from semodel.errors import SemodelError, short_repr
 from semodel.files import is_zip_archive, read_weights_only, save_atomic
 from semodel.runtime import set_rng_state
 
@@ -73,6 +75,7 @@ class TrainingRun(Protocol):
     history: list[dict[str, Any]]
     monitor: str
     run_dir: Path
+    data: Any  # semodel.data.Dataset: its root
 
 
 # ----------------------------------------------------------------------------- build and restore
@@ -101,6 +104,7 @@ def training_state(
         "rng_ranks": rngs if len(rngs) > 1 else [],
         "world_size": len(rngs),
         "run_dir": str(run.run_dir),
+        "data_root": str(Path(run.data.root).expanduser().absolute()),
     }
 
 
@@ -164,11 +168,62 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     missing = [k for k in REQUIRED_KEYS if k not in state]
     if missing:
         raise SemodelError(f"{path}: incomplete semodel checkpoint (missing {', '.join(missing)})")
+    check_contents(state, path)
     return state
 
 
+def check_contents(state: dict[str, Any], path: Path) -> None:
+    """The stored config, classes, preprocessing and weights, checked before anything is built
+    from them: an edited or foreign file is one clear error, not a traceback or an 11 GB tensor.
+
+    The config goes through the schema ``semodel train`` uses (and comes back with its defaults
+    filled in); the preprocessing must be the one that config implies.
+    """
+    from semodel.config import config_from_dict
+    from semodel.preprocess import preprocess_of
+
+    if not isinstance(state["config"], dict):
+        raise SemodelError(f"{path}: the stored config is a {type(state['config']).__name__}, not a mapping")
+    cfg = config_from_dict(state["config"], f"{path} (stored config)")
+    state["config"] = cfg.to_dict()
+    classes = state["classes"]
+    if (
+        not isinstance(classes, list)
+        or len(classes) < 2
+        or not all(isinstance(c, str) and c for c in classes)
+        or len(set(classes)) != len(classes)
+    ):
+        raise SemodelError(
+            f"{path}: the stored classes are not a list of two or more distinct names: {short_repr(classes)}"
+        )
+    expected = preprocess_of(cfg)
+    if state["preprocess"] != expected:
+        raise SemodelError(
+            f"{path}: the stored preprocessing {short_repr(state['preprocess'])} is not the one its config "
+            f"implies ({short_repr(expected)}); the file was edited or is damaged"
+        )
+    for key in ("model", "ema"):
+        weights = state.get(key)
+        if key == "ema" and weights is None:
+            continue
+        if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
+            raise SemodelError(f"{path}: '{key}' is not a state_dict (a mapping of names to tensors)")
+
+
 def load_resumable(path: str | Path) -> dict[str, Any]:
-    """``load_checkpoint`` for ``train --resume``: the file must hold the training state too."""
+    """``load_checkpoint`` for ``train --resume``: the run's last.pt, holding the training state.
+
+    Another file beside a last.pt (best.pt) would rewind the run to an earlier epoch and then
+    replace the newer last.pt, so it is refused.
+    """
+    path = Path(path)
+    last = path.parent / "last.pt"
+    if path.name != "last.pt" and path.is_file() and last.is_file() and not os.path.samefile(path, last):
+        raise SemodelError(
+            f"--resume {path}: continue the run from {last}, where it stopped; {path.name} holds an earlier "
+            f"epoch's weights, and resuming from it would rewind the run and replace the newer last.pt "
+            f"(to train on from those weights, start a new run with model.pretrained: {path})"
+        )
     state = load_checkpoint(path)
     if any(key not in state for key in TRAINING_KEYS):
         raise SemodelError(f"{path}: has no training state to resume from")
@@ -186,23 +241,70 @@ def model_options(config: dict[str, Any]) -> dict[str, Any]:
     return options
 
 
+def weight_mismatch(own: dict[str, torch.Tensor], stored: dict[str, torch.Tensor], shown: int = 3) -> str:
+    """Which tensors differ between a model's state_dict and stored weights ("" if none)."""
+    missing = [k for k in own if k not in stored]
+    unexpected = [k for k in stored if k not in own]
+
+    def size(t: torch.Tensor) -> str:
+        return "x".join(map(str, t.shape))
+
+    shapes = [
+        f"{k} {size(stored[k])} in the file, {size(own[k])} in the model"
+        for k in own
+        if k in stored and stored[k].shape != own[k].shape
+    ]
+
+    def listed(what: str, keys: list[str]) -> str:
+        more = f", +{len(keys) - shown} more" if len(keys) > shown else ""
+        return f"{len(keys)} {what} ({', '.join(keys[:shown])}{more})"
+
+    parts = [
+        listed(w, k)
+        for w, k in (("missing", missing), ("unexpected", unexpected), ("of another shape", shapes))
+        if k
+    ]
+    return "; ".join(parts)
+
+
+def uses_ema(state: dict[str, Any], use_ema: bool | None) -> bool:
+    """Whether to use the EMA weights: as asked, or (None) the weights the run selected.
+
+    A run with ``train.ema`` validates, selects (best.pt) and tests the EMA weights, so eval,
+    predict, export and inspect use them too unless told otherwise (``--no-ema``).
+    """
+    if use_ema is None:
+        return bool(state.get("ema")) and bool(state["config"]["train"].get("ema"))
+    return use_ema
+
+
+def weights_label(state: dict[str, Any], use_ema: bool | None) -> str:
+    """Which weights ``use_ema`` picks, for a report line."""
+    selected = uses_ema(state, None)
+    if uses_ema(state, use_ema):
+        return (
+            "ema (the weights the run selected; --no-ema for the raw weights)" if use_ema is None else "ema"
+        )
+    return "model (raw weights; the run selected its EMA weights)" if selected else "model"
+
+
 def build_from_checkpoint(
-    state: dict[str, Any], use_ema: bool = False, source: str = "checkpoint"
+    state: dict[str, Any], use_ema: bool | None = None, source: str = "checkpoint"
 ) -> nn.Module:
-    """Rebuild the model of a loaded checkpoint, with its (or its EMA) weights, in eval mode."""
+    """Rebuild the model of a loaded checkpoint in eval mode, with the weights ``uses_ema`` picks."""
     from semodel.models import build_model, prune_attention
 
     options = model_options(state["config"])
     name = options.pop("name")
     model = build_model(name, num_classes=len(state["classes"]), **options)
     weights = state["model"]
-    if use_ema:
+    if uses_ema(state, use_ema):
         if not state.get("ema"):
             raise SemodelError(f"{source}: has no EMA weights (train with train.ema: true)")
         weights = state["ema"]
-    try:
-        model.load_state_dict(weights)
-    except RuntimeError as e:
-        raise SemodelError(f"{source}: weights do not fit {name}: {first_line(e)}") from None
+    problems = weight_mismatch(model.state_dict(), weights)
+    if problems:
+        raise SemodelError(f"{source}: weights do not fit {name} as configured: {problems}")
+    model.load_state_dict(weights)
     prune_attention(model)  # learned SE widths: drop the closed units (same outputs, fewer parameters)
     return model.eval()

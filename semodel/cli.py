@@ -21,6 +21,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # plain help: rich help shows a "<bool>" value for flags, which take none
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 config_app = typer.Typer(help="Inspect experiment configs.", no_args_is_help=True)
@@ -197,7 +198,11 @@ def eval_cmd(
     plot: Path | None = typer.Option(
         None, "--plot", help="Write confusion_matrix.png (and roc.png for two classes) to this folder."
     ),
-    ema: bool = typer.Option(False, "--ema", help="Use the EMA weights."),
+    ema: bool | None = typer.Option(
+        None,
+        "--ema/--no-ema",
+        help="EMA or raw weights (default: the ones the run selected: EMA with train.ema).",
+    ),
     tta: bool = typer.Option(
         False, "--tta", help="Average the prediction with the horizontally flipped image."
     ),
@@ -226,7 +231,11 @@ def inspect_cmd(
     tensorboard: bool = typer.Option(
         False, "--tensorboard", help="Also write the figures to OUT/tensorboard."
     ),
-    ema: bool = typer.Option(False, "--ema", help="Use the EMA weights."),
+    ema: bool | None = typer.Option(
+        None,
+        "--ema/--no-ema",
+        help="EMA or raw weights (default: the ones the run selected: EMA with train.ema).",
+    ),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
     batch_size: int = typer.Option(32, "--batch-size", "-b", help="Images per batch."),
     seed: int = typer.Option(0, "--seed", help="Which images are sampled."),
@@ -257,7 +266,11 @@ def predict_cmd(
     cam: Path | None = typer.Option(
         None, "--cam", help="Write a Grad-CAM overlay PNG per image (predicted class) to this folder."
     ),
-    ema: bool = typer.Option(False, "--ema", help="Use the EMA weights."),
+    ema: bool | None = typer.Option(
+        None,
+        "--ema/--no-ema",
+        help="EMA or raw weights (default: the ones the run selected: EMA with train.ema).",
+    ),
 ) -> None:
     """Top-k classes and probabilities per image; exit code 1 if any input could not be read."""
     from semodel.predict import PredictOptions, predict_from_cli
@@ -274,7 +287,11 @@ def export_cmd(
     output: Path | None = typer.Option(
         None, "--output", "-o", help="Output file (default: beside the checkpoint, .onnx / .torchscript.pt)."
     ),
-    ema: bool = typer.Option(False, "--ema", help="Export the EMA weights."),
+    ema: bool | None = typer.Option(
+        None,
+        "--ema/--no-ema",
+        help="EMA or raw weights (default: the ones the run selected: EMA with train.ema).",
+    ),
     atol: float = typer.Option(1e-4, "--atol", help="Largest allowed |exported - PyTorch| logit difference."),
     opset: int | None = typer.Option(None, "--opset", help="ONNX opset (default: the exporter's)."),
 ) -> None:
@@ -290,10 +307,28 @@ def _process_name() -> str:
     return f"[rank {os.environ.get('RANK', '?')} of {world}] " if world != "1" else ""
 
 
+def _by_ctrl_c(exit: SystemExit) -> bool:
+    """Whether the CLI framework turned a Ctrl-C into this exit (typer raises Exit(130) from it)."""
+    seen, error = set(), exit.__context__
+    while error is not None and id(error) not in seen:
+        if isinstance(error, KeyboardInterrupt):
+            return True
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return False
+
+
 def main() -> None:
     """Entry point: user errors become one line on stderr and exit code 2, never a traceback."""
+    # A file name that is not valid UTF-8 reaches us with surrogate escapes; print its bytes.
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(errors="surrogateescape")
     try:
         app()
+    except SystemExit as e:
+        if e.code == 130 and _by_ctrl_c(e):
+            typer.echo("interrupted", err=True)
+        raise
     except SemodelError as e:
         typer.echo(f"error: {_process_name()}{e}", err=True)
         sys.exit(2)

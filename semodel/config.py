@@ -15,7 +15,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from semodel.errors import SemodelError, first_line
+from semodel.errors import SemodelError, first_line, short_repr
 from semodel.files import write_text_atomic
 from semodel.models import MODEL_NAMES
 
@@ -136,7 +136,7 @@ class DataConfig(Section):
     synthetic: SyntheticConfig | None = None
     image_size: int = Field(224, ge=16, le=2048)
     crop_ratio: float = Field(
-        0.875, gt=0, le=1, description="eval: resize to image_size / crop_ratio, then crop"
+        0.875, ge=0.25, le=1, description="eval: resize to image_size / crop_ratio, then crop"
     )
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
@@ -296,13 +296,15 @@ def _format_error(error: dict[str, Any], source: str) -> str:
         close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
         hint = f"; did you mean '{parent + '.' if parent else ''}{close[0]}'?" if close else ""
         where = f"section '{parent}'" if parent else "the top level"
-        return f"{source}: unknown key '{path}'{hint} (valid keys in {where}: {', '.join(valid)})"
+        return f"{source}: unknown key '{short_text(path)}'{hint} (valid keys in {where}: {', '.join(valid)})"
     if kind == "missing":
         return f"{source}: missing required key '{path}'"
-    value = error.get("input")
-    message = error["msg"]
-    message = re.sub(r"^Value error, ", "", message)
-    return f"{source}: {path} = {value!r}: {message}"
+    message = re.sub(r"^Value error, ", "", error["msg"])
+    return f"{source}: {short_text(path)} = {short_repr(error.get('input'))}: {message}"
+
+
+def short_text(text: str, limit: int = 80) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 _TYPE_TAGS = {"int", "float", "str", "bool", "list[literal['layer','block','final','none']]", "tuple"}
@@ -326,14 +328,52 @@ def validate(raw: dict[str, Any], source: str) -> Config:
         ) from None
 
 
+MAX_CONFIG_BYTES = 1 << 20  # a real config is a few kB; this bounds parsing time and memory
+
+
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, key: Any, first: int, second: int) -> None:
+        super().__init__(f"key '{short_text(str(key))}' appears twice (lines {first} and {second})")
+
+
+class StrictLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping: YAML lets the second
+    silently replace the first (a second ``optim:`` block would drop the first without a word)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        lines: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` merges, which may repeat
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            try:
+                if key in lines:
+                    raise _DuplicateKey(key, lines[key], line)
+                lines[key] = line
+            except TypeError:  # an unhashable key: SafeLoader reports it below
+                pass
+        return super().construct_mapping(node, deep)
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
+    """The mapping in a YAML config file; every way a file can fail is one SemodelError."""
     file = Path(path)
     if not file.exists():
         raise SemodelError(f"config file not found: {file}")
     if file.is_dir():
         raise SemodelError(f"config path is a folder, not a YAML file: {file}")
+    size = file.stat().st_size
+    if size > MAX_CONFIG_BYTES:
+        raise SemodelError(
+            f"{file}: {size:,} bytes is not a config file (at most {MAX_CONFIG_BYTES:,} bytes)"
+        )
     try:
-        raw = yaml.safe_load(file.read_text(encoding="utf-8"))
+        raw = yaml.load(file.read_text(encoding="utf-8"), Loader=StrictLoader)  # a SafeLoader
+    except _DuplicateKey as e:
+        raise SemodelError(f"{file}: {e}; merge the two into one") from None
+    except RecursionError:
+        raise SemodelError(f"{file}: malformed YAML: nested too deeply") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

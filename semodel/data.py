@@ -139,41 +139,64 @@ def find_bad_files(root: Path, paths: Sequence[str], workers: int = 4) -> list[t
 # ----------------------------------------------------------------------------- scanning
 
 
-def _list_images(folder: Path) -> list[Path]:
-    """Image files under ``folder`` (recursively, following links once; loops are skipped)."""
-    found, seen = [], set()
-    top = os.path.realpath(folder)
+def is_image_name(name: str) -> bool:
+    """An image file name by the one rule every command uses: an image extension (any case), not hidden."""
+    return not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
+@dataclass
+class Listing:
+    """What ``list_images`` found: the image files, and the other (non-hidden) files it left out."""
+
+    images: list[Path]
+    others: list[Path]
+
+
+def list_images(folder: Path, top: Path | None = None) -> Listing:
+    """Image files under ``folder``, recursively, in sorted order: the scan every command uses
+    (train, eval, predict, cv, inspect), so that they all see the same files.
+
+    - Names that start with ``.`` are skipped, files and folders alike: notebook checkpoint copies
+      (``.ipynb_checkpoints/``), ``.DS_Store``, macOS ``._photo.jpg`` resource files, ``.git/``.
+    - Only files with an image extension (``IMAGE_EXTENSIONS``, any case) are images.
+    - Links are followed, files and folders, except a folder seen before (a link loop, or the same
+      folder twice) and a folder that holds ``top`` (default ``folder``): ``data/cat/up -> data``
+      would list the other classes' images as cats.
+    """
+    images, others, seen = [], [], set()
+    top_real = os.path.realpath(top if top is not None else folder)
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
         real = os.path.realpath(dirpath)
-        # A symlink loop, the same folder twice, or a link up to a folder that holds this one
-        # (data/cat/up -> data would list the other classes' images as cats).
-        if real in seen or top.startswith(real.rstrip(os.sep) + os.sep):
+        if real in seen or top_real.startswith(real.rstrip(os.sep) + os.sep):
             dirnames[:] = []
             continue
         seen.add(real)
-        dirnames.sort()
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in sorted(filenames):
-            if name.startswith("."):
+            path = Path(dirpath) / name
+            if name.startswith(".") or not path.is_file():
                 continue
-            p = Path(dirpath) / name
-            if p.is_file():
-                found.append(p)
-    return found
+            (images if is_image_name(name) else others).append(path)
+    return Listing(images, others)
 
 
 def _class_folders(folder: Path) -> list[str]:
     return sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
 
 
-def scan_classes(folder: Path, where: str) -> tuple[list[str], dict[str, list[Path]]]:
-    """Class names (sorted folder names) and their files; every class must have files."""
+def scan_classes(folder: Path, where: str) -> tuple[list[str], dict[str, Listing]]:
+    """Class names (sorted folder names, hidden ones skipped) and their files; every class must
+    have images."""
     classes = _class_folders(folder)
     if not classes:
         raise SemodelError(f"{where}: no class folders found (expected {folder}/<class>/<image files>)")
-    files = {c: _list_images(folder / c) for c in classes}
-    empty = [c for c in classes if not files[c]]
+    files = {c: list_images(folder / c) for c in classes}
+    empty = [c for c in classes if not files[c].images]
     if empty:
-        raise SemodelError(f"{where}: class folder(s) without files: {', '.join(empty)}")
+        raise SemodelError(
+            f"{where}: class folder(s) without image files: {', '.join(empty)} "
+            f"(image files: {', '.join(IMAGE_EXTENSIONS)}; hidden files and folders are skipped)"
+        )
     return classes, files
 
 
@@ -189,6 +212,13 @@ def scan_dataset(root: str | Path, check: bool = True) -> Dataset:
     if not root.is_dir():
         raise SemodelError(f"data root is not a folder: {root}")
     samples: list[Sample] = []
+    others: list[str] = []  # non-image files in the class folders: listed as skipped
+
+    def add(files: dict[str, Listing], split: str = "") -> None:
+        for label, c in enumerate(classes):
+            samples.extend(Sample(p.relative_to(root).as_posix(), label, split) for p in files[c].images)
+            others.extend(p.relative_to(root).as_posix() for p in files[c].others)
+
     if has_presplit(root):
         classes, _ = scan_classes(root / "train", f"{root}/train")
         for split in SPLITS:
@@ -202,18 +232,18 @@ def scan_dataset(root: str | Path, check: bool = True) -> Dataset:
                     f"{root}/{split}: classes differ from train/ "
                     f"(missing: {', '.join(missing) or '-'}; not in train: {', '.join(extra) or '-'})"
                 )
-            for label, c in enumerate(classes):
-                samples += [Sample(p.relative_to(root).as_posix(), label, split) for p in files[c]]
+            add(files, split)
     else:
         classes, files = scan_classes(root, str(root))
-        for label, c in enumerate(classes):
-            samples += [Sample(p.relative_to(root).as_posix(), label) for p in files[c]]
+        add(files)
     if len(classes) < 2:
         raise SemodelError(f"{root}: found one class ({classes[0]}); a classifier needs at least two")
     bad = find_bad_files(root, [s.path for s in samples]) if check else []
     if bad:
         bad_set = {p for p, _ in bad}
         samples = [s for s in samples if s.path not in bad_set]
+    if check:
+        bad += [(path, f"not an image file ({Path(path).suffix or 'no extension'})") for path in others]
     data = Dataset(root, classes, samples, bad)
     for label, c in enumerate(classes):
         if not any(s.label == label for s in samples):
@@ -321,7 +351,7 @@ def read_sample_csv(path: Path, key: str, classes: list[str]) -> list[tuple[str,
     index = {c: i for i, c in enumerate(classes)}
     rows = []
     try:
-        with open(path, newline="", encoding="utf-8") as f:
+        with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
             for row in csv.DictReader(f):
                 if row["class"] not in index:
                     raise SemodelError(

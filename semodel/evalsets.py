@@ -43,17 +43,28 @@ def pick_split(samples: list[Sample], split: str, where: str) -> tuple[list[Samp
     return chosen, name
 
 
-def locate_data_root(root: str, run_dir: str | None, checkpoint: Path) -> Path | None:
-    """The run's data root: as stored (absolute, or relative to the current folder), or relative
-    to the folder training ran in (recovered from the stored ``run_dir`` and where the checkpoint is).
+def locate_data_root(state: dict[str, Any], checkpoint: Path) -> Path | None:
+    """The folder the run trained on, in this order:
+
+    1. ``data_root``: the data root as an absolute path, stored by training;
+    2. the config's ``data.root`` relative to the folder training ran in (recovered from the
+       stored ``run_dir`` and where the checkpoint is now: a run folder copied with its data);
+    3. ``data.root`` as written, relative to the current folder (old checkpoints only).
+
+    The current folder comes last: another ``data/`` there must not be taken for the run's.
     """
-    stored = Path(root).expanduser()
-    candidates = [stored]
-    if not stored.is_absolute() and run_dir and not Path(run_dir).is_absolute():
+    stored = Path(str(state["config"]["data"]["root"])).expanduser()
+    candidates = [Path(state["data_root"])] if state.get("data_root") else []
+    run_dir = state.get("run_dir")
+    if stored.is_absolute():
+        candidates.append(stored)
+    elif run_dir and not Path(run_dir).is_absolute():
         here = checkpoint.resolve().parent.parts
         run_parts = Path(run_dir).parts
         if len(here) > len(run_parts) and here[-len(run_parts) :] == run_parts:
             candidates.append(Path(*here[: -len(run_parts)]) / stored)
+    if not state.get("data_root"):
+        candidates.append(stored)
     return next((c for c in candidates if c.is_dir()), None)
 
 
@@ -66,12 +77,10 @@ def run_eval_set(state: dict[str, Any], checkpoint: Path, split: str) -> EvalSet
         raise SemodelError(
             f"{split_file} not found (eval reads the run's split beside the checkpoint); {hint}"
         )
-    stored_root = str(state["config"].get("data", {}).get("root", ""))
-    root = locate_data_root(stored_root, state.get("run_dir"), checkpoint) if stored_root else None
+    root = locate_data_root(state, checkpoint)
     if root is None:
-        raise SemodelError(
-            f"the run's data folder {stored_root or '?'} (from the checkpoint) is not found; {hint}"
-        )
+        where = state.get("data_root") or state["config"]["data"]["root"]
+        raise SemodelError(f"the run's data folder {where} (from the checkpoint) is not found; {hint}")
     samples, name = pick_split(read_split_csv(split_file, classes), split, str(split_file))
     gone = [s for s in samples if not (root / s.path).is_file()]
     if len(gone) == len(samples):

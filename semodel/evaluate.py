@@ -11,10 +11,10 @@ from typing import Any
 
 import torch
 
-from semodel.checkpoint import build_from_checkpoint, load_checkpoint
+from semodel.checkpoint import build_from_checkpoint, load_checkpoint, uses_ema, weights_label
 from semodel.errors import SemodelError
 from semodel.evalsets import EvalSet, folder_eval_set, run_eval_set
-from semodel.files import write_json
+from semodel.files import refuse_overwrite, write_json
 from semodel.runlog import say
 from semodel.runtime import predict_probs, resolve_device
 from semodel.tables import align
@@ -27,7 +27,7 @@ class EvalOptions:
     split: str = "auto"  # auto (test, else val), train, val, test or all
     device: str = "auto"
     batch_size: int = 64
-    use_ema: bool = False
+    use_ema: bool | None = None  # None: the weights the run selected (EMA with train.ema)
     tta: bool = False  # average with the horizontally flipped image
     workers: int | None = None  # DataLoader processes (None: by device)
     progress: bool = False
@@ -61,8 +61,6 @@ def evaluate_checkpoint(
     classes = list(state["classes"])
     dev = resolve_device(o.device)
     model = build_from_checkpoint(state, use_ema=o.use_ema, source=str(checkpoint)).to(dev)
-    if state.get("ema") and not o.use_ema:
-        log("note: this checkpoint also has EMA weights (training validated those); --ema evaluates them")
     if images is None:
         images = (
             folder_eval_set(Path(data), classes, o.split)
@@ -85,7 +83,8 @@ def evaluate_checkpoint(
         "checkpoint": str(checkpoint),
         "model": state["config"]["model"]["name"],
         "epoch": state.get("epoch"),
-        "weights": "ema" if o.use_ema else "model",
+        "weights": "ema" if uses_ema(state, o.use_ema) else "model",
+        "weights_note": weights_label(state, o.use_ema),
         "tta": "hflip" if o.tta else None,
         "device": str(dev),
         "data": {
@@ -108,9 +107,12 @@ def format_report(report: dict[str, Any]) -> str:
     m, d, classes = report["metrics"], report["data"], report["classes"]
     epoch = f", epoch {report['epoch']}" if report.get("epoch") is not None else ""
     skipped = d["listed"] - d["evaluated"]
+    weights = report.get("weights_note") or report["weights"]
     lines = [
-        f"checkpoint  {report['checkpoint']}  ({report['model']}{epoch}, weights: {report['weights']})",
-        f"data        {d['source']}: {d['evaluated']} images"
+        f"checkpoint  {report['checkpoint']}  ({report['model']}{epoch})",
+        f"weights     {weights}",
+        f"data        {d['root']}",
+        f"images      {d['source']}: {d['evaluated']} images"
         + (f" ({skipped} unreadable, skipped)" if skipped else ""),
         f"device      {report['device']}  tta: {report['tta'] or 'off'}",
         "",
@@ -160,6 +162,8 @@ def eval_from_cli(
         raise SemodelError(
             f"--output {output} is a folder; give a file name such as {output / 'metrics.json'}"
         )
+    if output is not None:
+        refuse_overwrite(output, "--output", {"the checkpoint": Path(checkpoint)})
     if plot is not None and plot.exists() and not plot.is_dir():
         raise SemodelError(f"--plot {plot} is a file; give a folder for the PNG files")
     options.progress = sys.stderr.isatty()

@@ -30,6 +30,7 @@ from torch import nn
 
 from semodel._version import __version__
 from semodel.errors import SemodelError, first_line
+from semodel.files import refuse_overwrite
 
 FORMATS = ("onnx", "torchscript")
 SUFFIX = {"onnx": ".onnx", "torchscript": ".torchscript.pt"}
@@ -191,12 +192,12 @@ def export_checkpoint(
     checkpoint: Path,
     fmt: str = "onnx",
     output: Path | None = None,
-    use_ema: bool = False,
+    use_ema: bool | None = None,
     atol: float = DEFAULT_ATOL,
     opset: int | None = None,
 ) -> ExportResult:
     """Export, run the exported file on a sample batch, compare with PyTorch, then move it into place."""
-    from semodel.checkpoint import build_from_checkpoint, load_checkpoint
+    from semodel.checkpoint import build_from_checkpoint, load_checkpoint, uses_ema
 
     if fmt not in FORMATS:
         raise SemodelError(f"--format {fmt!r}: use one of {', '.join(FORMATS)}")
@@ -210,11 +211,10 @@ def export_checkpoint(
     if output.is_dir():
         example = output / default_output(checkpoint, fmt).name
         raise SemodelError(f"--output {output} is a folder; give a file name such as {example}")
-    if output.exists() and output.resolve() == checkpoint.resolve():
-        raise SemodelError(f"--output {output} is the checkpoint itself; choose another file name")
+    refuse_overwrite(output, "--output", {"the checkpoint": checkpoint})
     model = build_from_checkpoint(state, use_ema=use_ema, source=str(checkpoint)).float().cpu()
     size = int(state["preprocess"]["image_size"])
-    metadata = export_metadata(state, "ema" if use_ema else "model")
+    metadata = export_metadata(state, "ema" if uses_ema(state, use_ema) else "model")
 
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_name(f".{output.name}.tmp{os.getpid()}")
@@ -249,7 +249,7 @@ def export_checkpoint(
 
 
 def export_from_cli(
-    checkpoint: Path, fmt: str, output: Path | None, use_ema: bool, atol: float, opset: int | None
+    checkpoint: Path, fmt: str, output: Path | None, use_ema: bool | None, atol: float, opset: int | None
 ) -> ExportResult:
     result = export_checkpoint(checkpoint, fmt, output, use_ema, atol, opset)
     name = {"onnx": "ONNX", "torchscript": "TorchScript"}[fmt]
@@ -257,7 +257,8 @@ def export_from_cli(
     size_mb = result.path.stat().st_size / 1e6
     size = result.metadata["image_size"]
     print(
-        f"exported {result.path} ({name}, {size_mb:.1f} MB): input N x 3 x {size} x {size}, "
+        f"exported {result.path} ({name}, {size_mb:.1f} MB, {result.metadata['weights']} weights): "
+        f"input N x 3 x {size} x {size}, "
         f"dynamic batch axis; metadata: classes, image_size, resize, mean, std"
     )
     print(

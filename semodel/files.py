@@ -42,13 +42,17 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
-        tmp.write_text(text, encoding="utf-8")
+        # surrogateescape: a file name that is not valid UTF-8 (os.listdir gives it with surrogate
+        # escapes) is written as its original bytes, and read back the same way.
+        tmp.write_text(text, encoding="utf-8", errors="surrogateescape")
         os.replace(tmp, path)
-    except OSError as e:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
-        raise SemodelError(
-            f"could not write {path}: {e.strerror or e}; the previous file (if any) is unchanged"
-        ) from None
+        if isinstance(e, OSError):
+            raise SemodelError(
+                f"could not write {path}: {e.strerror or e}; the previous file (if any) is unchanged"
+            ) from None
+        raise
     return path
 
 
@@ -61,6 +65,16 @@ def read_json(path: Path) -> Any:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise SemodelError(f"{path}: not readable ({first_line(e)})") from None
+
+
+def refuse_overwrite(output: Path, option: str, inputs: dict[str, Path]) -> None:
+    """No command writes over its own input: refuse an ``output`` that is one of ``inputs``
+    (by name: ``{"the checkpoint": path}``), also through links or another spelling of the path."""
+    if not output.exists():
+        return
+    for what, path in inputs.items():
+        if path.exists() and os.path.samefile(output, path):
+            raise SemodelError(f"{option} {output} is {what} itself; choose another file name")
 
 
 # ----------------------------------------------------------------------------- tensors

@@ -306,7 +306,7 @@ class InspectOptions:
     cams: int = 4  # images per class in the Grad-CAM grid (0: none)
     sites: list[str] | None = None  # attention modules to analyse (None: the last of every stage)
     device: str = "auto"
-    use_ema: bool = False
+    use_ema: bool | None = None  # None: the weights the run selected
     batch_size: int = 32
     tensorboard: bool = False
     seed: int = 0  # which images are sampled
@@ -320,7 +320,7 @@ def inspect_checkpoint(
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Write the figures and ``inspect.json`` to ``out``; returns what ``inspect.json`` holds."""
-    from semodel.checkpoint import build_from_checkpoint, load_checkpoint
+    from semodel.checkpoint import build_from_checkpoint, load_checkpoint, uses_ema
     from semodel.evalsets import folder_eval_set
     from semodel.loaders import eval_loader
     from semodel.runtime import resolve_device
@@ -336,7 +336,7 @@ def inspect_checkpoint(
         images.root, sample_per_class(images.samples, len(classes), o.per_class, o.seed), "all", ""
     )
     dev = resolve_device(o.device)
-    widths = widths_from_state(state["ema"] if o.use_ema and state.get("ema") else state["model"])
+    widths = widths_from_state(state["ema"] if uses_ema(state, o.use_ema) else state["model"])
     model = build_from_checkpoint(state, use_ema=o.use_ema, source=str(checkpoint)).to(dev)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -364,7 +364,7 @@ def inspect_checkpoint(
     result = {
         "checkpoint": str(checkpoint),
         "model": model_cfg,
-        "weights": "ema" if o.use_ema else "model",
+        "weights": "ema" if uses_ema(state, o.use_ema) else "model",
         "data": str(images.root),
         "images_per_class": {c: int((labels == i).sum()) for i, c in enumerate(classes)},
         "accuracy_on_sample": accuracy,

@@ -9,6 +9,7 @@ reproduces the checkpoint's evaluation transform with plain torch calls.
 from __future__ import annotations
 
 import csv
+import fnmatch
 import glob
 import io
 import json
@@ -22,12 +23,12 @@ from typing import Any
 import torch
 from PIL import Image
 
-from semodel.checkpoint import build_from_checkpoint, load_checkpoint
-from semodel.data import IMAGE_EXTENSIONS, read_image
+from semodel.checkpoint import build_from_checkpoint, load_checkpoint, weights_label
+from semodel.data import IMAGE_EXTENSIONS, is_image_name, list_images, read_image
 from semodel.errors import SemodelError
 from semodel.preprocess import preprocess_image
 from semodel.runlog import say
-from semodel.runtime import resolve_device
+from semodel.runtime import deferred_interrupt, resolve_device
 from semodel.tables import align
 
 FORMATS = ("table", "json", "csv")
@@ -46,13 +47,14 @@ class Classifier:
     classes: list[str]
     preprocess: dict[str, Any]
     device: torch.device
+    weights: str = "model"  # which weights, said for the user (semodel.checkpoint.weights_label)
 
     @classmethod
-    def load(cls, checkpoint: Path, device: str = "auto", use_ema: bool = False) -> Classifier:
+    def load(cls, checkpoint: Path, device: str = "auto", use_ema: bool | None = None) -> Classifier:
         state = load_checkpoint(checkpoint)
         dev = resolve_device(device)
         model = build_from_checkpoint(state, use_ema=use_ema, source=str(checkpoint)).to(dev)
-        return cls(model, list(state["classes"]), state["preprocess"], dev)
+        return cls(model, list(state["classes"]), state["preprocess"], dev, weights_label(state, use_ema))
 
 
 def newest_best_checkpoint(runs: Path = Path("runs")) -> Path:
@@ -68,35 +70,31 @@ def newest_best_checkpoint(runs: Path = Path("runs")) -> Path:
 # ----------------------------------------------------------------------------- inputs
 
 
-def is_image_name(path: Path) -> bool:
-    return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+def _matches(pattern: Sequence[str], parts: Sequence[str]) -> bool:
+    """Whether path components ``parts`` match glob components ``pattern`` (``**``: any number)."""
+    if not pattern:
+        return not parts
+    head, tail = pattern[0], pattern[1:]
+    if head == "**":
+        return any(_matches(tail, parts[i:]) for i in range(len(parts) + 1))
+    return bool(parts) and fnmatch.fnmatchcase(parts[0], head) and _matches(tail, parts[1:])
 
 
-def images_in(folder: Path) -> list[Path]:
-    """Image files under ``folder``, recursively, sorted; hidden files and other extensions skipped."""
-    found = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=False):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        found += [Path(dirpath) / n for n in sorted(filenames) if is_image_name(Path(n))]
-    return found
+def expand_pattern(pattern: str) -> list[Path]:
+    """The files and folders a glob pattern names, in sorted order.
 
-
-def expand_pattern(pattern: str) -> list[str]:
-    """``glob.glob(pattern, recursive=True)``, except that ``**`` does not enter linked folders.
-
-    glob's ``**`` follows symlinks to folders, and a link to a folder above it (a loop) makes
-    it run for ever; pathlib's ``**`` does not follow them.
+    With ``**`` (any number of folders) the candidates come from ``list_images``, the scan that
+    train and eval use: linked folders are followed, loops are not, hidden names never match.
+    (``glob``'s own ``**`` runs for ever in a link loop; ``pathlib``'s does not enter linked folders.)
     """
     parts = Path(pattern).parts
     if "**" not in parts:
-        return glob.glob(pattern)
+        return sorted(Path(match) for match in glob.glob(pattern))
     fixed = next(i for i, part in enumerate(parts) if GLOB_CHARS & set(part))
     base = Path(*parts[:fixed]) if fixed else Path()
-    found = []
-    for match in base.glob(str(Path(*parts[fixed:]))):
-        if not any(part.startswith(".") for part in match.relative_to(base).parts):  # as glob: no hidden
-            found.append(str(match))
-    return found
+    if not base.is_dir():
+        return []
+    return [p for p in list_images(base).images if _matches(parts[fixed:], p.relative_to(base).parts)]
 
 
 def collect_inputs(inputs: Iterable[str]) -> tuple[list[Path], list[tuple[str, str]]]:
@@ -111,7 +109,7 @@ def collect_inputs(inputs: Iterable[str]) -> tuple[list[Path], list[tuple[str, s
     for item in inputs:
         p = Path(item).expanduser()
         if p.is_dir():
-            found = images_in(p)
+            found = list_images(p).images
             if not found:
                 problems.append(
                     (item, f"no image files in this folder ({', '.join(IMAGE_EXTENSIONS[:4])}, ...)")
@@ -120,9 +118,14 @@ def collect_inputs(inputs: Iterable[str]) -> tuple[list[Path], list[tuple[str, s
             found = [p]  # a missing file is reported when it is read, in input order
         else:
             found = []
-            for match in sorted(expand_pattern(os.path.expanduser(item))):
-                m = Path(match)
-                found += images_in(m) if m.is_dir() else [m] if is_image_name(m) and m.is_file() else []
+            for m in expand_pattern(os.path.expanduser(item)):
+                found += (
+                    list_images(m).images
+                    if m.is_dir()
+                    else [m]
+                    if is_image_name(m.name) and m.is_file()
+                    else []
+                )
             if not found:
                 problems.append((item, "no image file matches this pattern"))
         paths += found
@@ -219,6 +222,9 @@ def predict_batches(
     used_names: set[str] = set()
     if cam_dir is not None:
         cam_dir.mkdir(parents=True, exist_ok=True)
+        # An overlay never takes the name of an input image in the same folder (no command
+        # writes over its own input).
+        used_names = {p.name for p in paths if p.parent.resolve() == cam_dir.resolve()}
     pool = None
     if len(paths) > 1:
         from concurrent.futures import ThreadPoolExecutor
@@ -255,43 +261,68 @@ def columns(topk: int) -> list[str]:
     return cols
 
 
-def format_table(results: Sequence[Prediction], topk: int) -> str:
-    rows = [["image"] + columns(topk)[1:]]
-    for r in results:
-        if r.error is None:
-            row = [str(r.path)]
-            for name, p in r.top:
-                row += [name, f"{p:.4f}"]
-            rows.append(row)
-    if len(rows) == 1:
-        return ""
-    # path and class names to the left, probabilities (even columns) to the right
-    return "\n".join(align(rows, right=lambda i: i > 0 and i % 2 == 0)) + "\n"
+class RowWriter:
+    """Predictions to ``out`` (stdout) batch by batch, as table, JSON or CSV: rows appear as their
+    batch finishes, and a Ctrl-C keeps what was written (the JSON list is closed even then).
 
+    The table's column widths come from what is known before the first batch (the input paths
+    and the class names), so that rows can be printed before the last one is known.
+    """
 
-def format_json(results: Sequence[Prediction]) -> str:
-    items = []
-    for r in results:
-        if r.error is not None:
-            continue
+    def __init__(self, fmt: str, topk: int, classes: list[str], paths: Sequence[Path], out=None) -> None:
+        self.fmt, self.topk, self.out = fmt, topk, out or sys.stdout
+        self.started = False
+        path_width = max([len("image"), *(len(str(p)) for p in paths)])
+        class_width = max(len(c) for c in classes)
+        self.widths = [path_width]
+        for k in range(1, topk + 1):
+            self.widths += [max(len(f"top{k}"), class_width), max(len(f"prob{k}"), len("0.0000"))]
+
+    def _line(self, cells: list[str]) -> str:
+        # path and class names to the left, probabilities (even columns) to the right
+        return align([cells], right=lambda i: i > 0 and i % 2 == 0, widths=self.widths)[0] + "\n"
+
+    def _start(self) -> str:
+        """The header (table, CSV) or the list's opening (JSON)."""
+        if self.fmt == "table":
+            return self._line(["image"] + columns(self.topk)[1:])
+        if self.fmt == "csv":
+            return ",".join(columns(self.topk)) + "\n"
+        return "[\n"
+
+    def write(self, batch: Sequence[Prediction]) -> None:
+        done = [r for r in batch if r.error is None]
+        if not done:
+            return
+        head = self._start() if not self.started else ",\n" if self.fmt == "json" else ""
+        separator = ",\n" if self.fmt == "json" else ""
+        text = head + separator.join(self._format(r) for r in done)
+        with deferred_interrupt():
+            self.out.write(text)
+            self.out.flush()
+            self.started = True
+
+    def _format(self, r: Prediction) -> str:
+        values = [v for c, p in r.top for v in (c, f"{p:.4f}" if self.fmt == "table" else f"{p:.6f}")]
+        if self.fmt == "table":
+            return self._line([str(r.path), *values])
+        if self.fmt == "csv":
+            buf = io.StringIO()
+            csv.writer(buf, lineterminator="\n").writerow([str(r.path), *values])
+            return buf.getvalue()
         item: dict[str, Any] = {
             "path": str(r.path),
             "predictions": [{"class": c, "prob": round(p, 6)} for c, p in r.top],
         }
         if r.cam is not None:
             item["cam"] = str(r.cam)
-        items.append(item)
-    return json.dumps(items, indent=2) + "\n"
+        return "\n".join("  " + line for line in json.dumps(item, indent=2).splitlines())
 
-
-def format_csv(results: Sequence[Prediction], topk: int) -> str:
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(columns(topk))
-    for r in results:
-        if r.error is None:
-            w.writerow([str(r.path)] + [v for c, p in r.top for v in (c, f"{p:.6f}")])
-    return buf.getvalue()
+    def finish(self) -> None:
+        with deferred_interrupt():
+            if self.fmt == "json":
+                self.out.write("\n]\n" if self.started else "[]\n")
+            self.out.flush()
 
 
 # ----------------------------------------------------------------------------- command
@@ -306,7 +337,7 @@ class PredictOptions:
     batch_size: int = 32
     device: str = "auto"
     cam_dir: Path | None = None
-    use_ema: bool = False
+    use_ema: bool | None = None  # None: the weights the run selected
 
 
 def predict_from_cli(inputs: list[str], checkpoint: Path | None, options: PredictOptions) -> int:
@@ -320,6 +351,8 @@ def predict_from_cli(inputs: list[str], checkpoint: Path | None, options: Predic
         checkpoint = newest_best_checkpoint()
         say(f"using checkpoint {checkpoint} (the newest best.pt under runs/)")
     classifier = Classifier.load(checkpoint, o.device, o.use_ema)
+    if classifier.weights != "model":  # the checkpoint has EMA weights: say which ones predict
+        say(f"weights: {classifier.weights}")
     topk = min(3, len(classifier.classes)) if o.topk is None else o.topk
     if not 1 <= topk <= len(classifier.classes):
         raise SemodelError(
@@ -328,14 +361,12 @@ def predict_from_cli(inputs: list[str], checkpoint: Path | None, options: Predic
     paths, problems = collect_inputs(inputs)
     for item, reason in problems:
         say(f"error: {item}: {reason}")
-    results = run_with_progress(classifier, paths, topk, o)
+    writer = RowWriter(o.fmt, topk, classifier.classes, paths)
+    try:
+        results = run_with_progress(classifier, paths, topk, o, writer)
+    finally:
+        writer.finish()  # also on Ctrl-C: the rows of the finished batches stay printed
     failed = len(problems) + sum(r.error is not None for r in results)
-    if o.fmt == "json":
-        sys.stdout.write(format_json(results))
-    elif o.fmt == "csv":
-        sys.stdout.write(format_csv(results, topk))
-    else:
-        sys.stdout.write(format_table(results, topk))
     done = sum(r.error is None for r in results)
     if o.cam_dir is not None and done:
         say(f"wrote {done} Grad-CAM overlay(s) to {o.cam_dir}/")
@@ -348,9 +379,9 @@ def predict_from_cli(inputs: list[str], checkpoint: Path | None, options: Predic
 
 
 def run_with_progress(
-    classifier: Classifier, paths: list[Path], topk: int, o: PredictOptions
+    classifier: Classifier, paths: list[Path], topk: int, o: PredictOptions, writer: RowWriter
 ) -> list[Prediction]:
-    """Predictions for ``paths``; a failed image is reported on stderr as its batch finishes."""
+    """Predictions for ``paths``, written as each batch finishes; a failed image is reported on stderr."""
     bar = None
     if len(paths) > o.batch_size and sys.stderr.isatty():
         from tqdm import tqdm
@@ -362,6 +393,7 @@ def run_with_progress(
             for p in batch:
                 if p.error is not None:
                     say(f"error: {p.path}: {p.error}")
+            writer.write(batch)
             results += batch
             if bar is not None:
                 bar.update(len(batch))

@@ -9,6 +9,8 @@ from typing import Any
 
 import torch
 
+from semodel.errors import SemodelError, first_line
+
 
 def log_line(message: str) -> None:
     """One line on stdout, flushed at once: logs of a run in the background stay current."""
@@ -32,7 +34,13 @@ class Logger:
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(run_dir), purge_step=purge_step)
+            try:
+                self.writer = SummaryWriter(str(run_dir), purge_step=purge_step)
+            except OSError as e:
+                raise SemodelError(
+                    f"cannot write TensorBoard events into {run_dir} ({e.strerror or first_line(e)}); "
+                    "free the disk or set log.tensorboard: false"
+                ) from None
 
     def scalars(self, values: dict[str, float], step: int) -> None:
         if self.writer:

@@ -8,6 +8,7 @@ import os
 import random
 import signal
 import sys
+import threading
 from typing import Any
 
 import numpy as np
@@ -164,3 +165,20 @@ class Interrupt:
     def __exit__(self, *exc) -> None:
         if self._previous is not None:
             signal.signal(signal.SIGINT, self._previous)
+
+
+@contextlib.contextmanager
+def deferred_interrupt():
+    """Hold a Ctrl-C until the block is done, then raise it: a row of output half written (an
+    unfinished JSON object) is worse than the same row written in full a moment later."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if caught:
+            raise KeyboardInterrupt

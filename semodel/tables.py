@@ -5,14 +5,17 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 
-def align(rows: Sequence[Sequence[str]], right: Callable[[int], bool] | int = 1) -> list[str]:
+def align(
+    rows: Sequence[Sequence[str]], right: Callable[[int], bool] | int = 1, widths: Sequence[int] | None = None
+) -> list[str]:
     """Columns padded to a common width and joined by two spaces, trailing blanks removed.
 
     ``right``: which columns are right-aligned (numbers), as a predicate on the column index, or
     an int ``k`` meaning every column from index ``k`` on (the first ``k`` hold names).
+    ``widths``: the column widths, when they must be known before all rows are (streamed output).
     """
     is_right = right if callable(right) else (lambda i, k=right: i >= k)
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    widths = widths or [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return [
         "  ".join(
             cell.rjust(w) if is_right(i) else cell.ljust(w)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -23,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from semodel import distributed
+import semodel.distributed as distributed
 from semodel._version import __version__
 from semodel.cache import refuse as refuse_cache
 from semodel.checkpoint import (
@@ -373,8 +374,8 @@ def wrap_for_training(model: nn.Module, cfg: Config, world: World, device: torch
 
 
 def open_run_folder(run: Run, start: Start) -> None:
-    """Rank 0 makes the run folder (a new run) and writes split.csv and config.yaml; every rank
-    learns the folder and opens the TensorBoard stream (rank 0's only is enabled)."""
+    """Rank 0 makes the run folder (a new run) and writes split.csv, config.yaml and opens the
+    TensorBoard stream; every rank learns the folder. A new folder that cannot be written is removed."""
     run_dir, resume = None, start.resume
     if run.world.is_main:
         if resume is not None:
@@ -385,12 +386,19 @@ def open_run_folder(run: Run, start: Start) -> None:
         else:
             name = run_name(run.cfg.log.name, start.config_path, "run")
             run_dir = make_run_dir(Path(run.cfg.log.out_dir).expanduser(), name)
-        if run.data.split_file is None:
-            write_split_csv(run.data, run_dir / "split.csv")
-        write_yaml(run.cfg, run_dir / "config.yaml")
+        try:
+            if run.data.split_file is None:
+                write_split_csv(run.data, run_dir / "split.csv")
+            write_yaml(run.cfg, run_dir / "config.yaml")
+            purge = run.progress.epoch + 1 if run.resumed else None
+            run.logger = Logger(run_dir, run.cfg.log.tensorboard, purge)
+        except SemodelError:
+            if resume is None:  # only what this run wrote is in it
+                shutil.rmtree(run_dir, ignore_errors=True)
+            raise
     run.run_dir = distributed.broadcast_object(run_dir, run.world)
-    enabled = run.cfg.log.tensorboard and run.world.is_main
-    run.logger = Logger(run.run_dir, enabled, run.progress.epoch + 1 if run.resumed else None)
+    if run.logger is None:
+        run.logger = Logger(run.run_dir, False, None)
 
 
 # ----------------------------------------------------------------------------- the epoch loop

@@ -117,3 +117,11 @@ def one_torch_thread():
     yield
     torch.set_num_threads(threads)
     torch.use_deterministic_algorithms(deterministic)
+
+
+def alias_bomb(levels: int = 9) -> str:
+    """A "billion laughs" config: each level a list of 9 references to the one below."""
+    lines = ["anchors:", "  - &l0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+    for i in range(1, levels + 1):
+        lines.append(f"  - &l{i} [" + ", ".join([f"*l{i - 1}"] * 9) + "]")
+    return "\n".join([*lines, "data:", f"  root: *l{levels}", ""])

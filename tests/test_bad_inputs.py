@@ -41,7 +41,7 @@ import numpy as np
 import pytest
 import torch
 from helpers_ckpt import make_folder, make_image, run_cli
-from helpers_train import tiny_config, write_config
+from helpers_train import alias_bomb, tiny_config, write_config
 from PIL import Image
 
 from semodel.data import check_image, load_rgb, scan_dataset
@@ -326,6 +326,57 @@ def pretrained_config(weights: Callable[[Path, World], None]) -> Callable[[Path,
     return make
 
 
+def edited_checkpoint(edit: Callable[[dict], None]) -> Callable[[Path, World], None]:
+    """``edited.pt``: the earlier run's best.pt (weights and what eval reads) with ``edit`` applied."""
+
+    def make(folder: Path, world: World) -> None:
+        state = torch.load(world.run / "best.pt", weights_only=True)
+        kept = ("semodel", "config", "classes", "preprocess", "model", "ema", "epoch", "run_dir")
+        state = {k: v for k, v in state.items() if k in kept}  # no optimizer: small and quick
+        edit(state)
+        torch.save(state, folder / "edited.pt")
+
+    return make
+
+
+def set_in(*keys: str, value) -> Callable[[dict], None]:
+    def edit(state: dict) -> None:
+        node = state
+        for key in keys[:-1]:
+            node = node[key]
+        node[keys[-1]] = value
+
+    return edit
+
+
+def delete_in(*keys: str) -> Callable[[dict], None]:
+    def edit(state: dict) -> None:
+        node = state
+        for key in keys[:-1]:
+            node = node[key]
+        del node[keys[-1]]
+
+    return edit
+
+
+def absurd_image_size(state: dict) -> None:
+    state["config"]["data"]["image_size"] = 100_000
+    state["preprocess"].update(image_size=100_000, resize=114_286)
+
+
+def with_file_in_the_way(folder: Path, world: World) -> None:
+    (folder / "runs").write_text("a file where the run folder's parent should be\n")
+    write_config(folder / "bad.yaml", tiny_config(world.data, folder / "runs", "bad"))
+
+
+def with_hidden_only_class(root: Path) -> None:
+    make_folder(root, CLASSES)
+    for i in range(2):  # notebook copies only
+        make_image(
+            root / "emu" / ".ipynb_checkpoints" / f"emu_{i}-checkpoint.jpg", (90, 90, 200), seed=70 + i
+        )
+
+
 def with_predict_folder(*files: str) -> Callable[[Path, World], None]:
     def make(folder: Path, world: World) -> None:
         (folder / "photos").mkdir()
@@ -607,11 +658,11 @@ ROWS: list[Row] = [
     ),
     Row(
         "empty-class",
-        "a class folder without files",
+        "a class folder without image files",
         "train --config bad.yaml",
         data_config("photos", with_empty_class),
         2,
-        "class folder(s) without files: emu",
+        "class folder(s) without image files: emu",
         ("photos",),
     ),
     Row(
@@ -894,6 +945,161 @@ ROWS: list[Row] = [
         2,
         "model.num_classes is 4 but",
         ("{data}",),
+    ),
+    # --- round two: YAML, outputs over inputs, resume, run folders, edited checkpoints
+    Row(
+        "yaml-duplicate-key",
+        "a config with a second `optim:` block",
+        "train --config bad.yaml",
+        text_file(
+            "bad.yaml", "data:\n  root: photos\noptim:\n  lr: 0.1\ntrain:\n  epochs: 1\noptim:\n  name: sgd\n"
+        ),
+        2,
+        "key 'optim' appears twice (lines 3 and 7)",
+        ("bad.yaml",),
+    ),
+    Row(
+        "yaml-alias-bomb",
+        'a "billion laughs" config (9 levels of aliases as `data.root`)',
+        "config show --config bad.yaml",
+        text_file("bad.yaml", alias_bomb()),
+        2,
+        "data.root = [[[[[[[[[['lol', 'lol'",
+        ("bad.yaml", "Input should be a valid string"),
+    ),
+    Row(
+        "yaml-deep",
+        "a config nested 20000 levels deep",
+        "config show --config bad.yaml",
+        text_file("bad.yaml", "data: " + "[" * 20000 + "]" * 20000 + "\n"),
+        2,
+        "malformed YAML: nested too deeply",
+        ("bad.yaml",),
+    ),
+    Row(
+        "yaml-huge",
+        "a 2 MB config file",
+        "train --config bad.yaml",
+        text_file("bad.yaml", "# padding\n" * 200_000),
+        2,
+        "is not a config file (at most 1,048,576 bytes)",
+        ("bad.yaml",),
+    ),
+    Row(
+        "eval-output-is-checkpoint",
+        "`eval -o` naming the checkpoint itself",
+        f"eval {BEST} -o {BEST}",
+        nothing,
+        2,
+        "is the checkpoint itself",
+        (BEST,),
+    ),
+    Row(
+        "resume-best",
+        "`--resume best.pt` (an earlier epoch)",
+        f"train --resume {BEST}",
+        nothing,
+        2,
+        "continue the run from",
+        (BEST, LAST),
+    ),
+    Row(
+        "resume-other-model",
+        "resume with `--set model.name=` another model",
+        f"train --resume {LAST} --set model.name=se_resnet34",
+        nothing,
+        2,
+        "its training state does not fit the configured run",
+        (LAST,),
+    ),
+    Row(
+        "out-dir-file",
+        "`log.out_dir` where a file is in the way",
+        "train --config bad.yaml",
+        with_file_in_the_way,
+        2,
+        "cannot create the run folder",
+        ("runs/bad",),
+    ),
+    Row(
+        "log-name-too-long",
+        "a `log.name` longer than the file system allows",
+        "train --config bad.yaml",
+        config_file({"log": {"name": "n" * 300}}),
+        2,
+        "cannot create the run folder",
+        ("File name too long",),
+    ),
+    Row(
+        "out-dir-virtual",
+        "`log.out_dir` on a virtual file system (`/proc`)",
+        "train --config bad.yaml",
+        config_file({"log": {"out_dir": "/proc/semodel-runs"}}),
+        2,
+        "cannot create the run folder /proc/semodel-runs/bad",
+    ),
+    Row(
+        "hidden-only-class",
+        "a class folder whose only images are in `.ipynb_checkpoints/`",
+        "train --config bad.yaml",
+        data_config("photos", with_hidden_only_class),
+        2,
+        "class folder(s) without image files: emu",
+        ("photos", "hidden files and folders are skipped"),
+    ),
+    Row(
+        "ckpt-extra-key",
+        "a checkpoint whose stored config has an unknown key",
+        "eval edited.pt --data {data}",
+        edited_checkpoint(set_in("config", "model", "colour", value="red")),
+        2,
+        "unknown key 'model.colour'",
+        ("edited.pt (stored config)",),
+    ),
+    Row(
+        "ckpt-no-model-name",
+        "a checkpoint whose stored config lacks `model.name`",
+        "eval edited.pt --data {data}",
+        edited_checkpoint(delete_in("config", "model", "name")),
+        0,
+        "all images of",
+        works="the schema's default (se_resnet18, as trained) fits the weights",
+    ),
+    Row(
+        "ckpt-no-resize",
+        "a checkpoint whose preprocessing lacks `resize`",
+        "predict {data}/cat/cat_0.jpg --checkpoint edited.pt",
+        edited_checkpoint(delete_in("preprocess", "resize")),
+        2,
+        "is not the one its config implies",
+        ("edited.pt",),
+    ),
+    Row(
+        "ckpt-list-for-mapping",
+        "a checkpoint whose stored `model` section is a list",
+        "export edited.pt -o x.onnx",
+        edited_checkpoint(set_in("config", "model", value=[1, 2])),
+        2,
+        "model = [1, 2]: Input should be a valid dictionary",
+        ("edited.pt",),
+    ),
+    Row(
+        "ckpt-absurd-size",
+        "a checkpoint edited to 100000 px images",
+        "inspect edited.pt --data {data} --out out",
+        edited_checkpoint(absurd_image_size),
+        2,
+        "data.image_size = 100000: Input should be less than or equal to 2048",
+        ("edited.pt",),
+    ),
+    Row(
+        "ckpt-weights-other-model",
+        "a checkpoint whose stored model name does not fit its weights",
+        "eval edited.pt --data {data}",
+        edited_checkpoint(set_in("config", "model", "name", value="se_resnet34")),
+        2,
+        "weights do not fit se_resnet34 as configured: ",
+        ("missing (layer1.2.conv1.weight",),
     ),
 ]
 

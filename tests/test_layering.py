@@ -42,9 +42,8 @@ def imports_of(name: str, path: Path, modules: set[str]) -> set[str]:
             if node.level:
                 anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
                 base = ".".join(anchor + ([base] if base else []))
-            for alias in node.names:
-                child = f"{base}.{alias.name}"
-                found.add(child if child in modules else base)  # `from pkg import module` or a name
+            found.add(base)  # `from pkg import x` runs pkg/__init__.py, whatever x is
+            found |= {f"{base}.{alias.name}" for alias in node.names}  # x may be a module
     return {m for m in found if m in modules and m != name}
 
 

@@ -132,7 +132,7 @@ def test_run_folder_holds_config_split_events_checkpoints_metrics(straight):
 # docstring, and (if old files no longer load) checkpoint.FORMAT_VERSION, deliberately.
 CHECKPOINT_KEYS = {
     "semodel", "config", "classes", "preprocess", "model", "ema", "epoch", "progress", "best", "metrics",
-    "history", "optimizer", "scheduler", "scaler", "rng", "rng_ranks", "world_size", "run_dir",
+    "history", "optimizer", "scheduler", "scaler", "rng", "rng_ranks", "world_size", "run_dir", "data_root",
 }  # fmt: skip
 
 
@@ -533,7 +533,7 @@ def test_empty_class_folder_is_a_clear_error(tmp_path, capsys):
     (root / "emu").mkdir()
     config = write_config(tmp_path / "exp.yaml", tiny_config(root, tmp_path / "runs", "e"))
     code, _, err = run_cli(["train", "--config", config], capsys)
-    assert_one_line_error(code, err, "class folder(s) without files: emu", root)
+    assert_one_line_error(code, err, "class folder(s) without image files: emu", root)
     # A class whose every file is unreadable is no better.
     (root / "emu" / "broken.jpg").write_text("not an image")
     code, _, err = run_cli(["train", "--config", config], capsys)
