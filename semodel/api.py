@@ -35,13 +35,17 @@ def fit(
     ``quiet`` hides progress bars; ``log`` receives the lines the CLI prints (default: stdout).
     """
     from semodel.config import apply_overrides
+    from semodel.report import report_after_training
     from semodel.train import fit as train_fit
 
     if isinstance(config, (str, Path)):
-        return train_fit(load_config(config, list(overrides)), Path(config), quiet=quiet, log=log)
-    raw = config.to_dict() if isinstance(config, Config) else dict(config)
-    cfg = config_from_dict(apply_overrides(raw, list(overrides)), "the config given to semodel.fit")
-    return train_fit(cfg, quiet=quiet, log=log)
+        run_dir = train_fit(load_config(config, list(overrides)), Path(config), quiet=quiet, log=log)
+    else:
+        raw = config.to_dict() if isinstance(config, Config) else dict(config)
+        cfg = config_from_dict(apply_overrides(raw, list(overrides)), "the config given to semodel.fit")
+        run_dir = train_fit(cfg, quiet=quiet, log=log)
+    report_after_training(run_dir, log=log or (lambda _: None))
+    return run_dir
 
 
 def evaluate_model(

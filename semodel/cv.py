@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from semodel.analysis import prediction_rows, write_predictions
 from semodel.checkpoint import load_resumable
 from semodel.config import (
     Config,
@@ -55,7 +56,7 @@ from semodel.data import (
     write_sample_csv,
 )
 from semodel.errors import Interrupted, SemodelError
-from semodel.files import numbered, read_json, run_name, write_json
+from semodel.files import numbered, read_json, run_name, write_json, write_text_atomic
 from semodel.runlog import log_line, quiet
 from semodel.tables import align, metric
 
@@ -277,6 +278,8 @@ def evaluate_fold(cv: CrossValidation, fold: int, test: list[Sample]) -> dict[st
         )
     except SemodelError as e:
         raise SemodelError(f"fold {fold}: {e}") from None
+    rows = prediction_rows(result.images.samples, result.report["classes"], result.probs, result.groups)
+    write_predictions(cv.cv_dir / f"fold-{fold}" / "test_predictions.csv", rows)
     return {"fold": fold, "choice": cfg.cv.weights, **result.report}
 
 
@@ -536,6 +539,8 @@ def cross_validate(cfg: Config, cv_dir: Path, quiet: bool = False, log: Log | No
     for line in format_summary(summary):
         log(line)
     log(f"wrote {cv_dir / 'cv.json'}")
+    if cfg.log.report:
+        cv_report(cv_dir, log=log)
     return summary
 
 
@@ -617,3 +622,74 @@ def cv_from_cli(
             cfg = config_from_dict(raw, f"{config_path} (with --folds {folds})")
         cv_dir = find_cv_dir(cfg, config_path, log)
     return cross_validate(cfg, cv_dir, quiet, log)
+
+
+# ----------------------------------------------------------------------------- the report
+
+
+def fold_predictions(cv_dir: Path, classes: list[str], k: int):
+    """Every fold's test predictions (fold-<k>/test_predictions.csv), tested again where missing."""
+    from semodel.analysis import read_predictions
+
+    missing = [f for f in range(1, k + 1) if not (cv_dir / f"fold-{f}" / "test_predictions.csv").is_file()]
+    if missing:
+        cfg = stored_config(cv_dir)
+        root, _, assigned, _ = load_folds(cfg, cv_dir, quiet)
+        copies = None  # the test images are always the originals
+        cv = CrossValidation(cfg, cv_dir, root, classes, assigned, copies, True, quiet)
+        for fold in missing:
+            if not (cv_dir / f"fold-{fold}" / "best.pt").is_file():
+                raise SemodelError(
+                    f"{cv_dir}: fold {fold} has no checkpoint (continue with semodel cv --resume {cv_dir})"
+                )
+            evaluate_fold(cv, fold, fold_samples(fold, assigned, None, cfg, classes)[1])
+    return [read_predictions(cv_dir / f"fold-{f}" / "test_predictions.csv", classes) for f in range(1, k + 1)]
+
+
+def cv_report(cv_dir: Path, options: dict[str, Any] | None = None, log: Log = log_line) -> Path:
+    """report.html of a cross-validation: the per-fold table, mean +- std, and the pooled out-of-fold
+    predictions (oof_predictions.csv) with their intervals, image- and patient-level."""
+    import torch
+
+    from semodel.analysis import analyse, groups_of
+    from semodel.evalsets import EvalSet
+    from semodel.metrics import classification_metrics
+    from semodel.plots import save_eval_plots
+    from semodel.report import ReportOptions, Results, cv_page
+
+    o = ReportOptions(**(options or {}))
+    cfg = stored_config(cv_dir)
+    if not (cv_dir / "cv.json").is_file():
+        raise SemodelError(
+            f"{cv_dir}: no cv.json yet (an unfinished cross-validation: continue it with "
+            f"semodel cv --resume {cv_dir})"
+        )
+    summary = read_json(cv_dir / "cv.json")
+    classes = scan_dataset(Path(cfg.data.root).expanduser(), check=False).classes
+    folds = fold_predictions(cv_dir, classes, cfg.cv.folds)
+    samples = [s for fold_samples_, _, _ in folds for s in fold_samples_]
+    probs = torch.cat([p for _, p, _ in folds])
+    targets = torch.tensor([s.label for s in samples])
+    groups = groups_of(samples, cfg.data.split.group_by)
+    write_predictions(cv_dir / "oof_predictions.csv", prediction_rows(samples, classes, probs, groups))
+    metrics = classification_metrics(probs, targets, classes)
+    pooled = Results(EvalSet(Path(cfg.data.root), samples, "oof", "pooled"), probs, targets, groups, metrics,
+                     analyse(probs, targets, classes, groups, None, o.resamples, o.seed))  # fmt: skip
+    per_fold = [
+        analyse(
+            p,
+            torch.tensor([s.label for s in f]),
+            classes,
+            groups_of(f, cfg.data.split.group_by),
+            None,
+            o.resamples,
+            o.seed,
+        )
+        for f, p, _ in folds
+    ]
+    figures = save_eval_plots(cv_dir, metrics["confusion_matrix"], probs, targets, classes)
+    path = write_text_atomic(
+        cv_dir / "report.html", cv_page(cv_dir, cfg.to_dict(), summary, pooled, per_fold)
+    )
+    log(f"report: {path} (and oof_predictions.csv, {', '.join(p.name for p in figures)})")
+    return path

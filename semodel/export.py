@@ -188,39 +188,83 @@ RUNNERS = {"onnx": run_onnx, "torchscript": run_torchscript}
 # ----------------------------------------------------------------------------- command
 
 
-def export_checkpoint(
-    checkpoint: Path,
-    fmt: str = "onnx",
-    output: Path | None = None,
-    use_ema: bool | None = None,
-    atol: float = DEFAULT_ATOL,
-    opset: int | None = None,
-) -> ExportResult:
-    """Export, run the exported file on a sample batch, compare with PyTorch, then move it into place."""
-    from semodel.checkpoint import build_from_checkpoint, load_checkpoint, uses_ema
+@dataclass
+class ExportOptions:
+    """``semodel export``'s options besides the checkpoint."""
 
+    fmt: str = "onnx"
+    output: Path | None = None  # default: beside the checkpoint
+    use_ema: bool | None = None  # None: the weights the run selected
+    atol: float = DEFAULT_ATOL
+    opset: int | None = None
+    calibrated: bool = False  # the logits divided by the temperature fitted on val
+
+
+class Calibrated(nn.Module):
+    """A model whose logits are divided by a fixed temperature (temperature scaling, in the graph)."""
+
+    def __init__(self, model: nn.Module, temperature: float) -> None:
+        super().__init__()
+        self.model, self.temperature = model, float(temperature)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x) / self.temperature
+
+
+def exported_model(checkpoint: Path, state: dict[str, Any], o: ExportOptions) -> nn.Module:
+    from semodel.checkpoint import build_from_checkpoint
+
+    model = build_from_checkpoint(state, use_ema=o.use_ema, source=str(checkpoint)).float().cpu()
+    if not o.calibrated:
+        return model
+    temperature = (state.get("calibration") or {}).get("temperature")
+    if temperature is None:
+        raise SemodelError(f"--calibrated: {checkpoint} has no fitted temperature (train again to get one)")
+    return Calibrated(model, temperature).eval()
+
+
+def export_checkpoint(checkpoint: Path, options: ExportOptions | None = None) -> ExportResult:
+    """Export, run the exported file on a sample batch, compare with PyTorch, then move it into place."""
+    from semodel.checkpoint import load_checkpoint, uses_ema
+
+    o = options or ExportOptions()
+    fmt, atol = o.fmt, o.atol
     if fmt not in FORMATS:
         raise SemodelError(f"--format {fmt!r}: use one of {', '.join(FORMATS)}")
     if not atol > 0:
         raise SemodelError(f"--atol {atol}: must be > 0")
     checkpoint = Path(checkpoint)
+    if (checkpoint / "folds.csv").is_file():
+        raise SemodelError(
+            f"{checkpoint} is a cross-validation (one model per fold): export one fold's model, e.g. "
+            f"{checkpoint / 'fold-1' / 'best.pt'}; predict and eval take the folder as an ensemble"
+        )
     if fmt == "onnx":
         _import_onnx()  # fail before the slow part
     state = load_checkpoint(checkpoint)
-    output = Path(output) if output is not None else default_output(checkpoint, fmt)
+    output = Path(o.output) if o.output is not None else default_output(checkpoint, fmt)
     if output.is_dir():
         example = output / default_output(checkpoint, fmt).name
         raise SemodelError(f"--output {output} is a folder; give a file name such as {example}")
     refuse_overwrite(output, "--output", {"the checkpoint": checkpoint})
-    model = build_from_checkpoint(state, use_ema=use_ema, source=str(checkpoint)).float().cpu()
+    model = exported_model(checkpoint, state, o)
     size = int(state["preprocess"]["image_size"])
-    metadata = export_metadata(state, "ema" if uses_ema(state, use_ema) else "model")
+    metadata = export_metadata(state, "ema" if uses_ema(state, o.use_ema) else "model")
+    metadata["calibrated"] = f"temperature {model.temperature:g}" if o.calibrated else "no"
+    diff = write_checked(model, output, fmt, size, metadata, o)
+    return ExportResult(output, fmt, diff, atol, CHECK_BATCH, metadata)
 
+
+def write_checked(
+    model: nn.Module, output: Path, fmt: str, size: int, metadata: dict, o: ExportOptions
+) -> float:
+    """Write the exported file beside ``output``, run it, compare with PyTorch, and move it into place
+    only when it agrees; the largest logit difference."""
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_name(f".{output.name}.tmp{os.getpid()}")
     try:
         if fmt == "onnx":
-            write_onnx(model, _sample(EXPORT_BATCH, size), tmp, metadata, opset)
+            write_onnx(model, _sample(EXPORT_BATCH, size), tmp, metadata, o.opset)
         else:
             write_torchscript(model, _sample(EXPORT_BATCH, size), tmp, metadata)
         x = _sample(CHECK_BATCH, size)
@@ -237,28 +281,27 @@ def export_checkpoint(
                 f"{CHECK_BATCH}; PyTorch returns {tuple(expected.shape)}"
             )
         diff = (got.float() - expected.float()).abs().max().item()
-        if not diff <= atol:  # also catches NaN
+        if not diff <= o.atol:  # also catches NaN
             raise SemodelError(
                 f"the exported {fmt} model disagrees with PyTorch: max abs difference of logits {diff:.3g} "
-                f"> tolerance {atol:g}; {output} was not written"
+                f"> tolerance {o.atol:g}; {output} was not written"
             )
         os.replace(tmp, output)
     finally:
         tmp.unlink(missing_ok=True)
-    return ExportResult(output, fmt, diff, atol, CHECK_BATCH, metadata)
+    return diff
 
 
-def export_from_cli(
-    checkpoint: Path, fmt: str, output: Path | None, use_ema: bool | None, atol: float, opset: int | None
-) -> ExportResult:
-    result = export_checkpoint(checkpoint, fmt, output, use_ema, atol, opset)
+def export_from_cli(checkpoint: Path, options: ExportOptions) -> ExportResult:
+    result = export_checkpoint(checkpoint, options)
+    fmt = options.fmt
     name = {"onnx": "ONNX", "torchscript": "TorchScript"}[fmt]
     runner = {"onnx": "onnxruntime", "torchscript": "torch.jit.load"}[fmt]
     size_mb = result.path.stat().st_size / 1e6
     size = result.metadata["image_size"]
+    weights = result.metadata["weights"] + " weights" + (", calibrated" if options.calibrated else "")
     print(
-        f"exported {result.path} ({name}, {size_mb:.1f} MB, {result.metadata['weights']} weights): "
-        f"input N x 3 x {size} x {size}, "
+        f"exported {result.path} ({name}, {size_mb:.1f} MB, {weights}): input N x 3 x {size} x {size}, "
         f"dynamic batch axis; metadata: classes, image_size, resize, mean, std"
     )
     print(

@@ -67,3 +67,26 @@ def overlay(
 def save_overlay(image: Image.Image, cam: torch.Tensor, preprocess: dict[str, Any], path: Path) -> Path:
     overlay(image, cam, preprocess).save(path, format="PNG")
     return path
+
+
+def explained_images(
+    model: nn.Module, preprocess: dict[str, Any], items: list[dict[str, Any]], device
+) -> list:
+    """A grid cell per item (``{"path", "true", "predicted", "prob"}``): the part of the image the model
+    saw with the Grad-CAM of its predicted class, titled with the true and predicted class."""
+    from semodel.data import read_image
+    from semodel.errors import SemodelError
+    from semodel.plots import GridCell
+    from semodel.preprocess import preprocess_image
+
+    cells = []
+    for item in items:
+        try:
+            image = read_image(Path(item["path"]))
+        except SemodelError:
+            continue  # gone since it was evaluated
+        x = preprocess_image(image, preprocess)[None].to(device)
+        _, cams, _ = grad_cam(model, x)
+        lines = [f"true: {item['true']}", f"predicted: {item['predicted']}", f"p = {item['prob']:.3f}"]
+        cells.append(GridCell(overlay(image, cams[0].cpu(), preprocess), lines))
+    return cells

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from semodel.checkpoint import build_from_checkpoint, load_checkpoint, weights_label
+from semodel.checkpoint import build_from_checkpoint, load_models, weights_label
 from semodel.data import IMAGE_EXTENSIONS, is_image_name, list_images, read_image
 from semodel.errors import SemodelError
 from semodel.preprocess import preprocess_image
@@ -38,23 +38,97 @@ GLOB_CHARS = set("*?[")
 # ----------------------------------------------------------------------------- the model
 
 
-@dataclass
 class Classifier:
-    """A checkpoint's model ready to predict: in eval mode on ``device``, with its classes and
-    preprocessing."""
+    """A checkpoint's model (or a cross-validation's fold models) ready to predict: in eval mode on
+    ``device``, with the classes and preprocessing. ``probs`` averages the models' probabilities.
 
-    model: torch.nn.Module
-    classes: list[str]
-    preprocess: dict[str, Any]
-    device: torch.device
-    weights: str = "model"  # which weights, said for the user (semodel.checkpoint.weights_label)
+    ``weights`` says which weights for the user (``semodel.checkpoint.weights_label``);
+    ``temperatures`` (``calibrate``) divide each model's logits; ``threshold`` (``use_threshold``) is
+    the p(class 1) from which two-class decisions go to class 1; ``states``: (path, checkpoint) pairs.
+    """
 
     @classmethod
     def load(cls, checkpoint: Path, device: str = "auto", use_ema: bool | None = None) -> Classifier:
-        state = load_checkpoint(checkpoint)
+        """``checkpoint``: a file, or a cross-validation folder (the ensemble of its folds' best.pt)."""
+        states = load_models(checkpoint)
         dev = resolve_device(device)
-        model = build_from_checkpoint(state, use_ema=use_ema, source=str(checkpoint)).to(dev)
-        return cls(model, list(state["classes"]), state["preprocess"], dev, weights_label(state, use_ema))
+        models = [build_from_checkpoint(s, use_ema=use_ema, source=str(path)).to(dev) for path, s in states]
+        state = states[0][1]
+        weights = weights_label(state, use_ema) + (
+            f"; mean of {len(states)} folds" if len(states) > 1 else ""
+        )
+        return cls(models, list(state["classes"]), state["preprocess"], dev, weights, states=states)
+
+    def __init__(
+        self,
+        models: list[torch.nn.Module],
+        classes: list[str],
+        preprocess: dict[str, Any],
+        device: torch.device,
+        weights: str = "model",
+        states: list[tuple[Path, dict[str, Any]]] | None = None,
+    ) -> None:
+        self.models, self.classes, self.preprocess, self.device = models, classes, preprocess, device
+        self.weights, self.states = weights, states or []
+        self.temperatures: list[float] | None = None
+        self.threshold: float | None = None
+
+    @property
+    def model(self) -> torch.nn.Module:
+        if len(self.models) != 1:
+            raise SemodelError("--cam explains one model; a cross-validation folder holds one per fold")
+        return self.models[0]
+
+    def calibrate(self) -> None:
+        """Divide each model's logits by the temperature its run fitted on the validation split."""
+        temperatures = [(s.get("calibration") or {}).get("temperature") for _, s in self.states]
+        missing = [str(path) for (path, _), t in zip(self.states, temperatures, strict=True) if t is None]
+        if missing:
+            raise SemodelError(
+                f"--calibrated: {missing[0]} has no fitted temperature (train again to get one)"
+            )
+        self.temperatures = temperatures
+
+    def use_threshold(self, threshold: str) -> None:
+        """``--threshold val`` (the run's, chosen on its validation split) or a probability."""
+        if len(self.classes) != 2:
+            raise SemodelError(
+                f"--threshold: a threshold decides between two classes; this model has {len(self.classes)}"
+            )
+        if threshold == "val":
+            if len(self.states) != 1:
+                raise SemodelError(
+                    "--threshold val: the folds of a cross-validation chose a threshold each; give a number"
+                )
+            path, state = self.states[0]
+            value = (state.get("calibration") or {}).get("threshold")
+            if value is None:
+                raise SemodelError(
+                    f"--threshold val: {path} has no stored threshold (train again to get one)"
+                )
+            self.threshold = float(value)
+            return
+        try:
+            self.threshold = float(threshold)
+        except ValueError:
+            raise SemodelError(f"--threshold {threshold!r}: 'val' or a probability such as 0.3") from None
+        if not 0 < self.threshold < 1:
+            raise SemodelError(f"--threshold {threshold}: must be between 0 and 1")
+
+    @torch.inference_mode()
+    def probs(self, x: torch.Tensor, logits: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean class probabilities of the models for ``x`` (``logits``: model 0's, already computed)."""
+        out = []
+        for i, model in enumerate(self.models):
+            z = (logits if i == 0 and logits is not None else model(x)).float()
+            out.append((z / self.temperatures[i] if self.temperatures else z).softmax(1))
+        return torch.stack(out).mean(0).cpu()
+
+    def decide(self, probs: torch.Tensor) -> list[str] | None:
+        """The class chosen at the threshold, per row (None without a threshold)."""
+        if self.threshold is None:
+            return None
+        return [self.classes[int(p1 >= self.threshold)] for p1 in probs[:, 1].tolist()]
 
 
 def newest_best_checkpoint(runs: Path = Path("runs")) -> Path:
@@ -148,6 +222,7 @@ class Prediction:
     top: list[tuple[str, float]] = field(default_factory=list)  # (class, probability), best first
     error: str | None = None
     cam: Path | None = None
+    decision: str | None = None  # the class chosen at --threshold
 
 
 def _load_batch(
@@ -173,11 +248,6 @@ def _cam_name(path: Path, used: set[str]) -> str:
     return name
 
 
-@torch.inference_mode()
-def _logits(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
-    return model(batch)
-
-
 def _predict_loaded(
     classifier: Classifier, chunk: list[Path], loaded: list, topk: int, cam_dir: Path | None, used: set[str]
 ) -> list[Prediction]:
@@ -189,16 +259,18 @@ def _predict_loaded(
     if not ok:
         return results
     x = torch.stack([loaded[i][1] for i in ok]).to(classifier.device)
+    logits = None
     if cam_dir is not None:
         from semodel.gradcam import grad_cam, save_overlay
 
         logits, cams, _ = grad_cam(classifier.model, x)
-    else:
-        logits = _logits(classifier.model, x)
-    values, indices = logits.float().softmax(1).cpu().topk(topk, dim=1)
+    probs = classifier.probs(x, logits)
+    values, indices = probs.topk(topk, dim=1)
+    decisions = classifier.decide(probs)
     for row, i in enumerate(ok):
         pairs = zip(values[row], indices[row], strict=True)
         results[i].top = [(classifier.classes[int(c)], float(v)) for v, c in pairs]
+        results[i].decision = decisions[row] if decisions else None
         if cam_dir is not None:
             results[i].cam = save_overlay(
                 loaded[i][0], cams[row].cpu(), classifier.preprocess, cam_dir / _cam_name(chunk[i], used)
@@ -269,14 +341,19 @@ class RowWriter:
     and the class names), so that rows can be printed before the last one is known.
     """
 
-    def __init__(self, fmt: str, topk: int, classes: list[str], paths: Sequence[Path], out=None) -> None:
+    def __init__(
+        self, fmt: str, topk: int, classes: list[str], paths: Sequence[Path], decision: bool = False, out=None
+    ) -> None:
         self.fmt, self.topk, self.out = fmt, topk, out or sys.stdout
+        self.columns = columns(topk) + (["decision"] if decision else [])
         self.started = False
         path_width = max([len("image"), *(len(str(p)) for p in paths)])
         class_width = max(len(c) for c in classes)
         self.widths = [path_width]
         for k in range(1, topk + 1):
             self.widths += [max(len(f"top{k}"), class_width), max(len(f"prob{k}"), len("0.0000"))]
+        if decision:
+            self.widths.append(max(len("decision"), class_width))
 
     def _line(self, cells: list[str]) -> str:
         # path and class names to the left, probabilities (even columns) to the right
@@ -285,9 +362,9 @@ class RowWriter:
     def _start(self) -> str:
         """The header (table, CSV) or the list's opening (JSON)."""
         if self.fmt == "table":
-            return self._line(["image"] + columns(self.topk)[1:])
+            return self._line(["image"] + self.columns[1:])
         if self.fmt == "csv":
-            return ",".join(columns(self.topk)) + "\n"
+            return ",".join(self.columns) + "\n"
         return "[\n"
 
     def write(self, batch: Sequence[Prediction]) -> None:
@@ -304,6 +381,7 @@ class RowWriter:
 
     def _format(self, r: Prediction) -> str:
         values = [v for c, p in r.top for v in (c, f"{p:.4f}" if self.fmt == "table" else f"{p:.6f}")]
+        values += [r.decision] if self.columns[-1] == "decision" else []
         if self.fmt == "table":
             return self._line([str(r.path), *values])
         if self.fmt == "csv":
@@ -316,6 +394,8 @@ class RowWriter:
         }
         if r.cam is not None:
             item["cam"] = str(r.cam)
+        if r.decision is not None:
+            item["decision"] = r.decision
         return "\n".join("  " + line for line in json.dumps(item, indent=2).splitlines())
 
     def finish(self) -> None:
@@ -338,6 +418,8 @@ class PredictOptions:
     device: str = "auto"
     cam_dir: Path | None = None
     use_ema: bool | None = None  # None: the weights the run selected
+    threshold: str | None = None  # two classes: "val" (the run's, chosen on val) or a probability
+    calibrated: bool = False  # divide the logits by the temperature fitted on val
 
 
 def predict_from_cli(inputs: list[str], checkpoint: Path | None, options: PredictOptions) -> int:
@@ -351,6 +433,10 @@ def predict_from_cli(inputs: list[str], checkpoint: Path | None, options: Predic
         checkpoint = newest_best_checkpoint()
         say(f"using checkpoint {checkpoint} (the newest best.pt under runs/)")
     classifier = Classifier.load(checkpoint, o.device, o.use_ema)
+    if o.calibrated:
+        classifier.calibrate()
+    if o.threshold is not None:
+        classifier.use_threshold(o.threshold)
     if classifier.weights != "model":  # the checkpoint has EMA weights: say which ones predict
         say(f"weights: {classifier.weights}")
     topk = min(3, len(classifier.classes)) if o.topk is None else o.topk
@@ -361,7 +447,7 @@ def predict_from_cli(inputs: list[str], checkpoint: Path | None, options: Predic
     paths, problems = collect_inputs(inputs)
     for item, reason in problems:
         say(f"error: {item}: {reason}")
-    writer = RowWriter(o.fmt, topk, classifier.classes, paths)
+    writer = RowWriter(o.fmt, topk, classifier.classes, paths, decision=classifier.threshold is not None)
     try:
         results = run_with_progress(classifier, paths, topk, o, writer)
     finally:

@@ -45,7 +45,7 @@ def tiny_config(root: Path, out_dir: Path, name: str = "run", **sections: dict[s
         "optim": {"name": "sgd", "lr": 0.05, "weight_decay": 0.0005},
         "schedule": {"name": "cosine", "warmup_epochs": 0},
         "train": {"epochs": 1, "device": "cpu", "seed": 0, "monitor": "val_acc"},
-        "log": {"out_dir": str(out_dir), "name": name},
+        "log": {"out_dir": str(out_dir), "name": name, "report": False},
     }
     return merge(base, sections)
 

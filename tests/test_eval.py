@@ -255,7 +255,11 @@ def test_relative_data_root_found_from_the_training_folder(run, capsys, tmp_path
 def test_plots(run, capsys, tmp_path):
     code, _, err = run_cli(["eval", run["ckpt"], "--plot", tmp_path / "plots"], capsys)
     assert code == 0, err
-    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == ["confusion_matrix.png"]
+    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == [
+        "confusion_matrix.png",
+        "reliability.png",
+        "roc.png",
+    ]
     with Image.open(tmp_path / "plots" / "confusion_matrix.png") as im:
         assert im.format == "PNG" and min(im.size) > 100
 
@@ -264,7 +268,11 @@ def test_plots(run, capsys, tmp_path):
     make_checkpoint(ckpt, binary_root, classes=["cat", "dog"])
     code, stdout, err = run_cli(["eval", ckpt, "--data", binary_root, "--plot", tmp_path / "bplots"], capsys)
     assert code == 0, err
-    assert sorted(p.name for p in (tmp_path / "bplots").iterdir()) == ["confusion_matrix.png", "roc.png"]
+    assert sorted(p.name for p in (tmp_path / "bplots").iterdir()) == [
+        "confusion_matrix.png",
+        "reliability.png",
+        "roc.png",
+    ]
     assert "top-" not in stdout  # no top-k line for k >= number of classes
     assert "ROC-AUC  " in stdout
 

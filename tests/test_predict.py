@@ -89,7 +89,7 @@ def test_preprocess_is_the_eval_transform(native, monkeypatch, tmp_path):
 
 def test_probabilities_match_the_model(world, capsys):
     paths = sorted(world["root"].rglob("*.jpg"))
-    code, items, err = predict_json(["-c", world["ckpt"], world["root"]], capsys)
+    code, items, err = predict_json(["--checkpoint", world["ckpt"], world["root"]], capsys)
     assert code == 0, err
     assert [Path(i["path"]) for i in items] == paths
     expected = reference_probs(world["ckpt"], paths)
@@ -104,7 +104,7 @@ def test_probabilities_match_the_model(world, capsys):
 def test_batch_size_does_not_change_results(world, capsys):
     results = []
     for batch in ("1", "5", "64"):
-        code, items, err = predict_json(["-c", world["ckpt"], world["root"], "-b", batch], capsys)
+        code, items, err = predict_json(["--checkpoint", world["ckpt"], world["root"], "-b", batch], capsys)
         assert code == 0, err
         results.append(items)
     for items in results[1:]:
@@ -117,16 +117,20 @@ def test_batch_size_does_not_change_results(world, capsys):
 
 
 def test_topk(world, capsys, tmp_path):
-    code, items, err = predict_json(["-c", world["ckpt"], world["root"] / "cat", "--topk", "1"], capsys)
+    code, items, err = predict_json(
+        ["--checkpoint", world["ckpt"], world["root"] / "cat", "--topk", "1"], capsys
+    )
     assert code == 0, err
     assert [len(i["predictions"]) for i in items] == [1, 1, 1, 1]
-    code, _, err = run_cli(["predict", "-c", world["ckpt"], world["root"] / "cat", "--topk", "4"], capsys)
+    code, _, err = run_cli(
+        ["predict", "--checkpoint", world["ckpt"], world["root"] / "cat", "--topk", "4"], capsys
+    )
     assert_one_line_error(code, err, "--topk 4: must be between 1 and 3")
 
     binary = tmp_path / "binary.pt"
     make_checkpoint(binary, world["root"], classes=["cat", "dog"])
     code, out, err = run_cli(
-        ["predict", "-c", binary, world["root"] / "cat" / "cat_0.jpg", "-f", "csv"], capsys
+        ["predict", "--checkpoint", binary, world["root"] / "cat" / "cat_0.jpg", "-f", "csv"], capsys
     )
     assert code == 0, err
     assert out.splitlines()[0] == "path,top1,prob1,top2,prob2"  # min(3, 2 classes)
@@ -156,13 +160,13 @@ def test_files_folders_and_globs(world, tmp_path):
 
 def test_table_and_csv(world, capsys):
     files = [world["root"] / "cat" / "cat_0.jpg", world["root"] / "cat" / "cat_1.jpg"]
-    code, out, err = run_cli(["predict", "-c", world["ckpt"], *files], capsys)
+    code, out, err = run_cli(["predict", "--checkpoint", world["ckpt"], *files], capsys)
     assert code == 0, err
     lines = out.splitlines()
     assert lines[0].split() == ["image", "top1", "prob1", "top2", "prob2", "top3", "prob3"]
     assert lines[1].split()[:2] == [str(files[0]), "cat"]
     assert lines[2].split()[:2] == [str(files[1]), "fox"]
-    code, out, err = run_cli(["predict", "-c", world["ckpt"], *files, "--format", "csv"], capsys)
+    code, out, err = run_cli(["predict", "--checkpoint", world["ckpt"], *files, "--format", "csv"], capsys)
     assert code == 0, err
     rows = list(csv.DictReader(io.StringIO(out)))
     assert [r["path"] for r in rows] == [str(f) for f in files]
@@ -184,7 +188,9 @@ def test_bad_files_are_named_and_the_rest_predicted(world, capsys, tmp_path):
     missing = tmp_path / "missing.jpg"
     empty = tmp_path / "empty"
     empty.mkdir()
-    code, items, err = predict_json(["-c", world["ckpt"], text, good, missing, truncated, empty], capsys)
+    code, items, err = predict_json(
+        ["--checkpoint", world["ckpt"], text, good, missing, truncated, empty], capsys
+    )
     assert code == 1
     assert [i["path"] for i in items] == [str(good)]
     assert items[0]["predictions"][0]["class"] == "dog"
@@ -219,7 +225,7 @@ def test_newest_best_checkpoint_under_runs(world, capsys, tmp_path, monkeypatch)
 
 
 def test_progress_bar_on_a_terminal_only(world, capsys, monkeypatch):
-    args = ["predict", "-c", world["ckpt"], world["root"], "-b", "4", "-f", "csv"]
+    args = ["predict", "--checkpoint", world["ckpt"], world["root"], "-b", "4", "-f", "csv"]
     code, _, err = run_cli(args, capsys)
     assert code == 0 and "img/s" not in err and "predict:" not in err
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
@@ -232,7 +238,7 @@ def test_progress_bar_on_a_terminal_only(world, capsys, monkeypatch):
 @pytest.mark.parametrize("kind", sorted(BAD_CHECKPOINT_MESSAGES))
 def test_bad_checkpoints(world, capsys, tmp_path, kind):
     path = bad_checkpoints(tmp_path, world["ckpt"])[kind]
-    code, out, err = run_cli(["predict", "-c", path, world["root"] / "cat"], capsys)
+    code, out, err = run_cli(["predict", "--checkpoint", path, world["root"] / "cat"], capsys)
     assert_one_line_error(code, err, BAD_CHECKPOINT_MESSAGES[kind], path)
     assert out == ""
 
@@ -254,7 +260,7 @@ def test_cold_start_imports_only_what_it_needs(world):
         "framework = set(sys.modules)\n"
         "from semodel.cli import main\n"
         f"image = {str(world['root'] / 'cat' / 'cat_0.jpg')!r}\n"
-        f"sys.argv = ['semodel', 'predict', '-c', {str(world['ckpt'])!r}, image]\n"
+        f"sys.argv = ['semodel', 'predict', '--checkpoint', {str(world['ckpt'])!r}, image]\n"
         "try:\n    main()\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
         "heavy = ['torchvision', 'matplotlib', 'torchmetrics', 'onnx', 'onnxruntime', 'tensorboard',\n"
         "         'semodel.train', 'semodel.evaluate', 'semodel.gradcam', 'semodel.loaders']\n"
@@ -270,7 +276,9 @@ def test_cold_start_imports_only_what_it_needs(world):
 
 def test_partial_failure_exit_code_end_to_end(world, tmp_path):
     missing = tmp_path / "missing.jpg"
-    result = run_subprocess(["predict", "-c", world["ckpt"], missing, world["root"] / "cat" / "cat_0.jpg"])
+    result = run_subprocess(
+        ["predict", "--checkpoint", world["ckpt"], missing, world["root"] / "cat" / "cat_0.jpg"]
+    )
     assert result.returncode == 1
     assert f"error: {missing}: file not found" in result.stderr
     assert "Traceback" not in result.stderr
@@ -318,7 +326,7 @@ def test_cam_overlays(world, capsys, tmp_path):
     make_image(other, (200, 60, 60), seed=9, size=(300, 200))
     files = [world["root"] / "cat" / "cat_0.jpg", other]
     out_dir = tmp_path / "cams"
-    code, items, err = predict_json(["-c", world["ckpt"], *files, "--cam", out_dir], capsys)
+    code, items, err = predict_json(["--checkpoint", world["ckpt"], *files, "--cam", out_dir], capsys)
     assert code == 0, err
     written = sorted(p.name for p in out_dir.iterdir())
     assert written == ["cat_0-2_cam.png", "cat_0_cam.png"]
