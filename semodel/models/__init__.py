@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 from torch import nn
@@ -19,7 +19,7 @@ from semodel.models.attention import (
     sparsity_loss,
 )
 from semodel.models.densenet import PLACEMENTS, SEDenseNet, se_densenet
-from semodel.models.pretrained import MODELS, load_pretrained, torchvision_name
+from semodel.models.pretrained import MODELS, load_pretrained, pretrained_model_options, torchvision_name
 from semodel.models.resnet import STEMS, SEResNet, se_resnet
 
 __all__ = [
@@ -37,6 +37,7 @@ __all__ = [
     "build_model",
     "learned_widths",
     "load_pretrained",
+    "pretrained_model_options",
     "prune_attention",
     "sparsity_loss",
     "torchvision_name",
@@ -84,9 +85,12 @@ def build_model(name: str, num_classes: int = 1000, **options: Any) -> nn.Module
     ``reduction`` is a ratio or ``"learned"`` (then ``learned["start_reduction"]``, default 4, sets
     the starting width); ``min_channels``, ``bias`` and ``gate`` shape the SE block.
     ``placement`` and ``memory_efficient`` apply to SE-DenseNet only. ``pretrained`` is
-    ``"imagenet"`` (torchvision's weights for the matching backbone) or a path to a local
-    state_dict; SE layers and the classifier start fresh, everything else is copied (call
-    ``load_pretrained`` yourself for its report of what was copied).
+    ``"imagenet"`` (torchvision's weights for the matching backbone), ``"timm:<name>[.<tag>]"``
+    (timm's trained SE-ResNet weights) or a path to a weights file; matching tensors are copied,
+    the rest (torchvision: the SE layers) and a classifier of another size start fresh (call
+    ``load_pretrained`` yourself for its report of what was copied). With ``pretrained``, the
+    options the weights need override the given ones (``pretrained_model_options``: timm's
+    SE-ResNet-18/34 need ``min_channels=8``); pass them too when you rebuild the model.
     """
     if name not in MODELS:
         raise SemodelError(f"unknown model {name!r}; available: {', '.join(MODEL_NAMES)}")
@@ -96,6 +100,8 @@ def build_model(name: str, num_classes: int = 1000, **options: Any) -> nn.Module
             f"build_model() got unknown option(s) {', '.join(unknown)}; valid: {', '.join(OPTION_NAMES)}"
         )
     opts = ModelOptions(**options)
+    if opts.pretrained:
+        opts = replace(opts, **pretrained_model_options(name, opts.pretrained, options))
     family, depth = MODELS[name]
     try:
         attention = opts.attention_spec()

@@ -166,7 +166,9 @@ class LearnedWidthSE(SqueezeExcite):
         return int(self.open_units().sum())
 
     def hidden_units(self, squeezed: torch.Tensor) -> torch.Tensor:
-        return super().hidden_units(squeezed) * self.unit_gate.clamp(min=0)
+        # relu, not clamp(min=0): a closed gate (exactly 0) gets no gradient on every torch version
+        # (clamp's gradient at the boundary was 1 before torch 2.14).
+        return super().hidden_units(squeezed) * torch.relu(self.unit_gate)
 
     @torch.no_grad()
     def pruned(self) -> SqueezeExcite:
@@ -320,7 +322,7 @@ def sparsity_loss(model: nn.Module | list[LearnedWidthSE]) -> torch.Tensor | Non
     if not blocks:
         return None
     total = sum(m.hidden * m.unit_cost for m in blocks)
-    open_cost = sum(m.unit_gate.clamp(min=0).sum() * m.unit_cost for m in blocks)
+    open_cost = sum(torch.relu(m.unit_gate).sum() * m.unit_cost for m in blocks)
     return open_cost / total
 
 
