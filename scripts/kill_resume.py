@@ -344,7 +344,8 @@ def _differences(a: Any, b: Any, where: str, out: list[str]) -> None:
 
 
 def _without_timing(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [{**h, "train": {k: v for k, v in h["train"].items() if k != "images_per_s"}} for h in history]
+    timing = ("images_per_s", "epoch_time_s")
+    return [{**h, "train": {k: v for k, v in h["train"].items() if k not in timing}} for h in history]
 
 
 def compare_runs(reference: Path, run_dir: Path) -> list[str]:
@@ -361,7 +362,7 @@ def compare_runs(reference: Path, run_dir: Path) -> list[str]:
             state["history"] = _without_timing(state["history"])
         _differences(a, b, name, differences)
     a, b = (json.loads((d / "metrics.json").read_text()) for d in (reference, run_dir))
-    for key in ("best", "epochs", "val", "test"):
+    for key in ("best", "epochs", "val", "test", "calibration"):
         _differences(a.get(key), b.get(key), f"metrics.json:{key}", differences)
     _differences(
         _without_timing(a["history"]), _without_timing(b["history"]), "metrics.json:history", differences

@@ -8,8 +8,12 @@ A checkpoint is a dict of plain tensors, dicts, lists, numbers and strings, so t
     config         the resolved experiment config (plain dict)
     classes        class names, index order
     preprocess     {"image_size", "resize", "mean", "std", "interpolation"} (semodel.preprocess)
-    model          state_dict (always the plain module: no DDP / compile prefixes)
-    ema            EMA state_dict, or None without train.ema
+    model          state_dict (always the plain module: no DDP / compile prefixes); in best.pt the
+                   weights the run selected (the EMA's with train.ema)
+    ema            EMA state_dict, or None without train.ema; in best.pt the same tensors as
+                   ``model`` (stored once) when the run selected the EMA weights
+    selected       best.pt only: "ema" or "model", which weights ``model`` holds there (best.pt
+                   keeps one set of weights; the raw ones of an EMA run are only in last.pt)
     epoch          epochs completed
     progress       {"epoch", "step_in_epoch", "global_step", "best_value", "best_epoch",
                    "stale_epochs"}: where the run stands (``Progress``)
@@ -24,8 +28,16 @@ A checkpoint is a dict of plain tensors, dicts, lists, numbers and strings, so t
     world_size     processes that trained it
     run_dir        the run folder as training saw it (eval uses it to find a relative data root)
     data_root      the data root as an absolute path at training time (where eval looks first)
+    calibration    best.pt only, written at the end of training: the temperature fitted on the
+                   validation split, ECE before and after, and for two classes the operating
+                   threshold and its rule (semodel.analysis.fit_calibration)
 
-``best.pt`` and ``last.pt`` hold the same keys; ``TRAINING_KEYS`` are what resume needs.
+``last.pt`` holds every key but ``selected`` and ``calibration``: all that resume needs
+(``TRAINING_KEYS`` are checked).
+``best.pt`` (``best_state``) holds what eval, predict, export, inspect, cv and ``model.pretrained``
+read: every key but the training state of ``RESUME_KEYS``, and one set of weights; about a quarter
+of last.pt for an AdamW run with EMA (weights, EMA and two Adam moments). A best.pt written
+before it became slim holds last.pt's keys (raw and EMA weights): it loads everywhere as before.
 """
 
 from __future__ import annotations
@@ -46,6 +58,8 @@ from semodel.runtime import set_rng_state
 FORMAT_VERSION = 1
 REQUIRED_KEYS = ("config", "classes", "preprocess", "model")
 TRAINING_KEYS = ("optimizer", "scheduler", "progress", "rng")
+# In last.pt only: what resume needs besides the weights (best.pt leaves them out).
+RESUME_KEYS = ("optimizer", "scheduler", "scaler", "progress", "rng", "rng_ranks", "world_size")
 
 
 @dataclass
@@ -106,6 +120,32 @@ def training_state(
         "run_dir": str(run.run_dir),
         "data_root": str(Path(run.data.root).expanduser().absolute()),
     }
+
+
+def best_state(state: dict[str, Any]) -> dict[str, Any]:
+    """best.pt from a ``training_state``: no training state, and only the weights the run selected
+    (the EMA's with train.ema, kept under ``model`` and ``ema`` as the same tensors: stored once).
+    Keys added to ``training_state`` later come along unless they are in ``RESUME_KEYS``."""
+    best = {key: value for key, value in state.items() if key not in RESUME_KEYS}
+    if state["ema"] is not None:
+        best["model"], best["selected"] = dict(state["ema"]), "ema"
+    else:
+        best["selected"] = "model"
+    return best
+
+
+def cpu_copy(obj: Any) -> Any:
+    """A copy of a state whose tensors are new CPU tensors (the training goes on changing the
+    originals in place while a background thread writes the copy)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {key: cpu_copy(value) for key, value in obj.items()}
+    if isinstance(obj, list):
+        return [cpu_copy(value) for value in obj]
+    if isinstance(obj, tuple):
+        return tuple(cpu_copy(value) for value in obj)
+    return obj  # numbers, strings, None, numpy RNG arrays (fresh copies already)
 
 
 def restore_training(run: TrainingRun, saved: dict[str, Any], rank: int, world_size: int) -> None:
@@ -226,7 +266,11 @@ def load_resumable(path: str | Path) -> dict[str, Any]:
         )
     state = load_checkpoint(path)
     if any(key not in state for key in TRAINING_KEYS):
-        raise SemodelError(f"{path}: has no training state to resume from")
+        raise SemodelError(
+            f"--resume {path}: holds no training state (optimizer, schedule, progress): only a run's "
+            f"last.pt can be resumed (to train on from these weights, start a new run with "
+            f"model.pretrained: {path})"
+        )
     return state
 
 
@@ -282,10 +326,15 @@ def weights_label(state: dict[str, Any], use_ema: bool | None) -> str:
     """Which weights ``use_ema`` picks, for a report line."""
     selected = uses_ema(state, None)
     if uses_ema(state, use_ema):
-        return (
-            "ema (the weights the run selected; --no-ema for the raw weights)" if use_ema is None else "ema"
-        )
+        return f"ema (the weights the run selected; {raw_weights_note(state)})" if use_ema is None else "ema"
     return "model (raw weights; the run selected its EMA weights)" if selected else "model"
+
+
+def raw_weights_note(state: dict[str, Any]) -> str:
+    """Where the raw weights of a run that selected its EMA weights are."""
+    if state.get("selected") == "ema":  # a slim best.pt: one set of weights
+        return "the raw weights are in the run's last.pt"
+    return "--no-ema for the raw weights"
 
 
 def build_from_checkpoint(
@@ -302,9 +351,42 @@ def build_from_checkpoint(
         if not state.get("ema"):
             raise SemodelError(f"{source}: has no EMA weights (train with train.ema: true)")
         weights = state["ema"]
+    elif state.get("selected") == "ema":
+        raise SemodelError(
+            f"{source}: holds only the EMA weights the run selected; the raw weights are in the run's "
+            "last.pt (leave out --no-ema, or pass last.pt)"
+        )
     problems = weight_mismatch(model.state_dict(), weights)
     if problems:
         raise SemodelError(f"{source}: weights do not fit {name} as configured: {problems}")
     model.load_state_dict(weights)
     prune_attention(model)  # learned SE widths: drop the closed units (same outputs, fewer parameters)
     return model.eval()
+
+
+def load_models(path: Path) -> list[tuple[Path, dict[str, Any]]]:
+    """The checkpoint(s) a command runs: ``path`` itself, or every fold's best.pt of a
+    cross-validation folder (``semodel cv``), whose probabilities are then averaged."""
+    path = Path(path)
+    if not path.is_dir() or not (path / "folds.csv").is_file():
+        return [(path, load_checkpoint(path))]
+    from semodel.config import read_yaml
+
+    folds = int(read_yaml(path / "config.yaml").get("cv", {}).get("folds", 5))
+    missing = [k for k in range(1, folds + 1) if not (path / f"fold-{k}" / "best.pt").is_file()]
+    if missing:
+        raise SemodelError(
+            f"{path}: fold(s) {', '.join(map(str, missing))} of {folds} have no best.pt (an unfinished "
+            f"cross-validation: continue it with semodel cv --resume {path})"
+        )
+    states = [
+        (path / f"fold-{k}" / "best.pt", load_checkpoint(path / f"fold-{k}" / "best.pt"))
+        for k in range(1, folds + 1)
+    ]
+    first = states[0][1]
+    for file, state in states[1:]:
+        if state["classes"] != first["classes"] or state["preprocess"] != first["preprocess"]:
+            raise SemodelError(
+                f"{file}: its classes or preprocessing differ from fold 1's; not one cross-validation"
+            )
+    return states

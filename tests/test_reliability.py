@@ -65,7 +65,10 @@ def test_ema_runs_are_evaluated_predicted_and_exported_with_the_ema_weights(tmp_
     default = json.loads(Path("default.json").read_text())
     assert default["weights"] == "ema" and "weights     ema (the weights the run selected" in out
     assert default["metrics"]["loss"] == pytest.approx(tested["loss"], rel=1e-5)  # the run's own test
+    # best.pt keeps the selected (EMA) weights only; the raw ones are in last.pt.
     code, out, err = run_cli(["eval", ckpt, "--no-ema", "-o", "raw.json"], capsys)
+    assert code == 2 and "holds only the EMA weights the run selected" in err and "last.pt" in err
+    code, out, err = run_cli(["eval", run_dir / "last.pt", "--no-ema", "-o", "raw.json"], capsys)
     raw = json.loads(Path("raw.json").read_text())
     assert raw["weights"] == "model" and raw["metrics"]["loss"] != default["metrics"]["loss"]
     code, out, err = run_cli(["predict", "data/cat/cat_0.jpg", "--checkpoint", ckpt], capsys)
