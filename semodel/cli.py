@@ -19,13 +19,45 @@ app = typer.Typer(
     name="semodel",
     help="Train, evaluate and serve Squeeze-and-Excitation image classifiers (SE-ResNet, SE-DenseNet).",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,  # --install-completion / --show-completion (bash, zsh, fish, PowerShell)
     pretty_exceptions_enable=False,
     rich_markup_mode=None,  # plain help: rich help shows a "<bool>" value for flags, which take none
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-config_app = typer.Typer(help="Inspect experiment configs.", no_args_is_help=True)
+config_app = typer.Typer(help="Write and inspect experiment configs.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
+
+# Short options mean one thing in every command: -c --config, -s --set, -q --quiet, -o --output,
+# -b --batch-size, -f --format, -k --topk, -h --help.
+
+
+# Starting from a folder instead of a YAML file (train, lr-find, config init): each option sets one
+# config key (semodel.config.START_KEYS); an explicit --set of that key wins.
+def _data_option(more: str = "") -> typer.models.OptionInfo:
+    return typer.Option(
+        None, "--data", help="A folder of class folders (DIR/<class>/<image>): sets data.root." + more
+    )
+
+
+NAMED_AFTER_DATA = " Without --config the rest are the defaults and the run is named after the folder."
+
+
+def _model_option() -> typer.models.OptionInfo:
+    return typer.Option(None, "--model", help="Sets model.name, e.g. se_resnet50 (see: semodel models).")
+
+
+def _epochs_option() -> typer.models.OptionInfo:
+    return typer.Option(None, "--epochs", help="Sets train.epochs.")
+
+
+def _image_size_option() -> typer.models.OptionInfo:
+    return typer.Option(None, "--image-size", help="Sets data.image_size (pixels).")
+
+
+def _pretrained_option() -> typer.models.OptionInfo:
+    return typer.Option(
+        None, "--pretrained", help="Sets model.pretrained: imagenet, timm:<name>[.<tag>] or a weights file."
+    )
 
 
 def _version(value: bool) -> None:
@@ -80,20 +112,58 @@ def models_cmd(
 
 @config_app.command("show")
 def config_show(
-    config: Path = typer.Option(..., "--config", "-c", help="Experiment YAML file."),
+    config: Path | None = typer.Option(None, "--config", "-c", help="Experiment YAML file."),
     overrides: list[str] = typer.Option(
         [], "--set", "-s", help="Override a key: --set optim.lr=0.01 (repeatable)."
     ),
+    defaults: bool = typer.Option(
+        False, "--defaults", help="Print every key's default with what it does instead (as comments)."
+    ),
 ) -> None:
     """Print the resolved config (defaults filled in, overrides applied) as YAML."""
-    from semodel.config import dump_yaml, load_config
+    from semodel.config import StartOptions, dump_yaml, load_config
 
+    if defaults:
+        if config is not None or overrides:
+            raise SemodelError("--defaults prints the schema's defaults: leave out --config and --set")
+        from semodel.template import config_template
+
+        typer.echo(config_template(StartOptions(), "semodel config show --defaults"), nl=False)
+        return
+    if config is None:
+        raise SemodelError("give --config FILE (or --defaults: every key's default with what it does)")
     typer.echo(dump_yaml(load_config(config, overrides)), nl=False)
+
+
+@config_app.command("init")
+def config_init(
+    data: Path | None = _data_option(),
+    model: str | None = _model_option(),
+    epochs: int | None = _epochs_option(),
+    image_size: int | None = _image_size_option(),
+    pretrained: str | None = _pretrained_option(),
+) -> None:
+    """Print a commented config: every key with its value and what it does; with --data, the classes
+    and image counts found there and, for file names that start with an id, a suggested
+    data.split.group_by (commented out). Save it: semodel config init --data photos > my.yaml"""
+    import shlex
+
+    from semodel.config import StartOptions
+    from semodel.template import config_template
+
+    options = StartOptions(data, model, epochs, image_size, pretrained)
+    command = shlex.join(["semodel", "config", "init", *options.flags()])
+    typer.echo(config_template(options, command), nl=False)
 
 
 @app.command("train")
 def train_cmd(
     config: Path | None = typer.Option(None, "--config", "-c", help="Experiment YAML file."),
+    data: Path | None = _data_option(NAMED_AFTER_DATA),
+    model: str | None = _model_option(),
+    epochs: int | None = _epochs_option(),
+    image_size: int | None = _image_size_option(),
+    pretrained: str | None = _pretrained_option(),
     overrides: list[str] = typer.Option(
         [], "--set", "-s", help="Override a key: --set optim.lr=0.01 (repeatable)."
     ),
@@ -107,11 +177,23 @@ def train_cmd(
         "torch.distributed.run): one per GPU, or N CPU processes.",
     ),
 ) -> None:
-    """Train a model from a YAML experiment; writes runs/<name>/ (config, split, TensorBoard, checkpoints)."""
-    if config is None and resume is None:
-        raise SemodelError("give --config FILE (a new run) or --resume runs/<run>/last.pt (continue one)")
+    """Train a model from a YAML experiment (--config) or from a folder of photos (--data DIR, the
+    defaults for the rest); writes runs/<name>/ (config, split, TensorBoard, checkpoints)."""
+    from semodel.config import StartOptions
+
+    start = StartOptions(data, model, epochs, image_size, pretrained)
+    if config is None and data is None and resume is None:
+        raise SemodelError(
+            "give --config FILE or --data DIR (a new run), or --resume runs/<run>/last.pt (continue one)"
+        )
+    if resume is not None and start.flags():
+        raise SemodelError(
+            f"--resume continues with the config stored in the checkpoint; leave out "
+            f"{', '.join(start.flags()[::2])} (--set train.epochs=N extends a finished run)"
+        )
     if nproc is not None and nproc > 1:
         args = ["--config", str(config)] if config is not None else []
+        args += start.flags()
         args += [a for o in overrides for a in ("--set", o)]
         args += ["--resume", str(resume)] if resume is not None else []
         args += ["--quiet"] if quiet else []
@@ -119,9 +201,12 @@ def train_cmd(
         if code:
             raise typer.Exit(code)
         return
+    from semodel.report import report_after_training
     from semodel.train import train_from_cli
 
-    train_from_cli(config, overrides, resume, quiet)
+    run_dir = train_from_cli(config, overrides, resume, quiet, start)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 writes the report
+        report_after_training(run_dir, log=typer.echo)
 
 
 def _launch(nproc: int, train_args: list[str]) -> int:
@@ -162,10 +247,75 @@ def _launch(nproc: int, train_args: list[str]) -> int:
     return code
 
 
+@app.command("lr-find")
+def lr_find_cmd(
+    config: Path | None = typer.Option(None, "--config", "-c", help="Experiment YAML file."),
+    data: Path | None = _data_option(NAMED_AFTER_DATA),
+    model: str | None = _model_option(),
+    epochs: int | None = typer.Option(
+        None, "--epochs", help="Sets train.epochs (not used by the scan; kept in the suggested command)."
+    ),
+    image_size: int | None = _image_size_option(),
+    pretrained: str | None = _pretrained_option(),
+    overrides: list[str] = typer.Option(
+        [], "--set", "-s", help="Override a key: --set data.batch_size=64 (repeatable)."
+    ),
+    start: float = typer.Option(1e-7, "--start", help="The smallest learning rate of the scan."),
+    end: float = typer.Option(10.0, "--end", help="The largest learning rate of the scan."),
+    steps: int = typer.Option(
+        100, "--steps", help="Learning rates to try, one optimizer step each (at most one epoch's batches)."
+    ),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
+    """The learning-rate range test (Smith 2017): train from the config's starting weights with the lr
+    rising exponentially from --start to --end, for at most one epoch, until the loss diverges; writes
+    lr_find.csv and lr_find.png into a new folder runs/<name>-lr-find and prints the suggested optim.lr."""
+    import shlex
+
+    from semodel.config import StartOptions
+    from semodel.lrfind import ScanOptions, lr_find_from_cli, rounded_lr
+
+    options = StartOptions(data, model, epochs, image_size, pretrained)
+    if config is None and data is None:
+        raise SemodelError("give --config FILE or --data DIR (the run whose learning rate to find)")
+    result = lr_find_from_cli(config, overrides, options, ScanOptions(start, end, steps), quiet)
+    if result.suggestion is not None:
+        args = ["semodel", "train", *(["--config", str(config)] if config is not None else [])]
+        args += [*options.flags(), *(a for o in overrides for a in ("--set", o))]
+        typer.echo(f"use it: {shlex.join([*args, '--set', f'optim.lr={rounded_lr(result.suggestion)}'])}")
+
+
+@app.command("report")
+def report_cmd(
+    run_dir: Path = typer.Argument(..., help="A run folder (runs/<name>) or a cross-validation folder."),
+    ci: int = typer.Option(1000, "--ci", help="Bootstrap resamples of the 95% intervals (0: none)."),
+    worst: int = typer.Option(8, "--worst", help="How many most confidently wrong images to show."),
+    device: str = typer.Option("auto", "--device", help="For runs whose test split must be predicted again."),
+) -> None:
+    """(Re)write a finished run's report: report.html, results.csv, test_predictions.csv and the figures."""
+    if ci < 0:
+        raise SemodelError(f"--ci {ci}: the number of bootstrap resamples must be 0 (off) or more")
+    if worst < 1:
+        raise SemodelError(f"--worst {worst}: must be at least 1 (the number of images shown)")
+    if not run_dir.is_dir():
+        raise SemodelError(f"{run_dir}: not a folder (give a run folder such as runs/<name>)")
+    from semodel.cv import is_cv_dir
+
+    options_args = dict(resamples=ci, worst=worst, device=device)
+    if is_cv_dir(run_dir):
+        from semodel.cv import cv_report
+
+        cv_report(run_dir, options_args, log=typer.echo)
+    else:
+        from semodel.report import ReportOptions, build_report
+
+        build_report(run_dir, ReportOptions(**options_args), log=typer.echo)
+
+
 @app.command("cv")
 def cv_cmd(
     config: Path | None = typer.Option(None, "--config", "-c", help="Experiment YAML file."),
-    folds: int | None = typer.Option(None, "--folds", "-k", help="Number of folds K (default: cv.folds, 5)."),
+    folds: int | None = typer.Option(None, "--folds", help="Number of folds K (default: cv.folds, 5)."),
     overrides: list[str] = typer.Option(
         [], "--set", "-s", help="Override a key: --set cv.weights=last (repeatable)."
     ),
@@ -187,7 +337,9 @@ def cv_cmd(
 
 @app.command("eval")
 def eval_cmd(
-    checkpoint: Path = typer.Argument(..., help="A checkpoint (best.pt / last.pt) written by semodel train."),
+    checkpoint: Path = typer.Argument(
+        ..., help="A checkpoint (best.pt / last.pt), or a cross-validation folder (its folds' ensemble)."
+    ),
     data: Path | None = typer.Option(
         None, "--data", help="Evaluate this ImageFolder (same class names) instead of the run's own split."
     ),
@@ -196,7 +348,22 @@ def eval_cmd(
     ),
     output: Path | None = typer.Option(None, "--output", "-o", help="Also write the figures as JSON here."),
     plot: Path | None = typer.Option(
-        None, "--plot", help="Write confusion_matrix.png (and roc.png for two classes) to this folder."
+        None, "--plot", help="Write confusion_matrix.png, roc.png and reliability.png to this folder."
+    ),
+    predictions: Path | None = typer.Option(
+        None, "--predictions", help="Write one row per image (path, group, true, predicted, probabilities)."
+    ),
+    worst: int | None = typer.Option(
+        None, "--worst", help="Write worst.png: the N most confidently wrong images with their Grad-CAM."
+    ),
+    ci: int = typer.Option(1000, "--ci", help="Bootstrap resamples of the 95% intervals (0: none)."),
+    by_group: bool | None = typer.Option(
+        None,
+        "--by-group/--no-by-group",
+        help="Per-patient metrics too (default: when data.split.group_by is set).",
+    ),
+    calibrated: bool = typer.Option(
+        False, "--calibrated", help="Apply the temperature the run fitted on its validation split."
     ),
     ema: bool | None = typer.Option(
         None,
@@ -210,17 +377,21 @@ def eval_cmd(
     batch_size: int = typer.Option(64, "--batch-size", "-b", help="Images per batch."),
     workers: int | None = typer.Option(None, "--workers", help="Data loader processes (default: by device)."),
 ) -> None:
-    """Metrics of a checkpoint: accuracy, per-class P/R/F1, confusion matrix, ROC-AUC, top-k."""
-    from semodel.evaluate import EvalOptions, eval_from_cli
+    """Metrics of a checkpoint with 95% bootstrap intervals: accuracy, balanced accuracy, macro-F1,
+    ROC-AUC, per-class P/R/F1, confusion matrix; per patient; operating points; calibration."""
+    from semodel.evaluate import EvalOptions, EvalOutputs, eval_from_cli
 
-    eval_from_cli(checkpoint, data, EvalOptions(split, device, batch_size, ema, tta, workers), output, plot)
+    options = EvalOptions(split, device, batch_size, ema, tta, workers, False, ci, by_group, calibrated)
+    eval_from_cli(checkpoint, data, options, EvalOutputs(output, plot, predictions, worst))
 
 
 @app.command("inspect")
 def inspect_cmd(
     checkpoint: Path = typer.Argument(..., help="A checkpoint (best.pt / last.pt) written by semodel train."),
     data: Path = typer.Option(..., "--data", help="An ImageFolder with the checkpoint's class names."),
-    out: Path = typer.Option(..., "--out", "-o", help="Folder for the PNG figures and inspect.json."),
+    out: Path = typer.Option(
+        ..., "--out", "--output", "-o", help="Folder for the PNG figures and inspect.json."
+    ),
     per_class: int = typer.Option(32, "--per-class", help="Images per class for the excitation analysis."),
     cams: int = typer.Option(4, "--cams", help="Images per class in the Grad-CAM grid (0: none)."),
     sites: str | None = typer.Option(
@@ -255,7 +426,7 @@ def predict_cmd(
         ..., help="Image files, folders (searched recursively) or glob patterns."
     ),
     checkpoint: Path | None = typer.Option(
-        None, "--checkpoint", "-c", help="Checkpoint to use (default: the newest best.pt under ./runs)."
+        None, "--checkpoint", help="Checkpoint to use (default: the newest best.pt under ./runs)."
     ),
     topk: int | None = typer.Option(
         None, "--topk", "-k", help="Classes per image (default: min(3, classes))."
@@ -271,11 +442,21 @@ def predict_cmd(
         "--ema/--no-ema",
         help="EMA or raw weights (default: the ones the run selected: EMA with train.ema).",
     ),
+    threshold: str | None = typer.Option(
+        None,
+        "--threshold",
+        help="Two classes: add a decision column at 'val' (the run's threshold) or a probability.",
+    ),
+    calibrated: bool = typer.Option(
+        False, "--calibrated", help="Apply the temperature the run fitted on its validation split."
+    ),
 ) -> None:
-    """Top-k classes and probabilities per image; exit code 1 if any input could not be read."""
+    """Top-k classes and probabilities per image; exit code 1 if any input could not be read.
+    --checkpoint may be a cross-validation folder: the mean of its folds' best models."""
     from semodel.predict import PredictOptions, predict_from_cli
 
-    code = predict_from_cli(images, checkpoint, PredictOptions(topk, fmt, batch_size, device, cam, ema))
+    options = PredictOptions(topk, fmt, batch_size, device, cam, ema, threshold, calibrated)
+    code = predict_from_cli(images, checkpoint, options)
     if code:
         raise typer.Exit(code)
 
@@ -294,11 +475,16 @@ def export_cmd(
     ),
     atol: float = typer.Option(1e-4, "--atol", help="Largest allowed |exported - PyTorch| logit difference."),
     opset: int | None = typer.Option(None, "--opset", help="ONNX opset (default: the exporter's)."),
+    calibrated: bool = typer.Option(
+        False,
+        "--calibrated",
+        help="Divide the logits by the temperature the run fitted on its validation split.",
+    ),
 ) -> None:
     """ONNX or TorchScript with class names and preprocessing inside, verified against PyTorch."""
-    from semodel.export import export_from_cli
+    from semodel.export import ExportOptions, export_from_cli
 
-    export_from_cli(checkpoint, fmt, output, ema, atol, opset)
+    export_from_cli(checkpoint, ExportOptions(fmt, output, ema, atol, opset, calibrated))
 
 
 def _process_name() -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import re
 import types
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
 
@@ -43,20 +44,45 @@ class LearnedWidthConfig(Section):
 
 
 class ModelConfig(Section):
-    name: ModelName = "se_resnet18"
-    attention: Literal["se", "eca", "none"] = "se"
+    name: ModelName = Field(
+        "se_resnet18",
+        description="the backbone: se_resnet18/34/50/101/152, se_densenet121/169/201 (semodel models)",
+    )
+    attention: Literal["se", "eca", "none"] = Field(
+        "se", description="channel attention in every block: se, eca or none (the plain backbone)"
+    )
     reduction: float | Literal["learned"] = Field(
         16.0, description="SE reduction ratio r (hidden width = channels / r), or 'learned'"
     )
-    learned: LearnedWidthConfig = LearnedWidthConfig()
+    learned: LearnedWidthConfig = Field(
+        LearnedWidthConfig(), description="the learned-width SE (used only with reduction: learned)"
+    )
     min_channels: int = Field(1, ge=1, description="floor on the SE hidden width")
-    bias: bool = True
-    gate: Literal["sigmoid", "hard_sigmoid"] = "sigmoid"
-    stem: Literal["imagenet", "cifar"] = "imagenet"
-    placement: Placement | list[Placement] = "block"
-    drop_rate: float = Field(0.0, ge=0, lt=1)
-    memory_efficient: bool = False
-    pretrained: str | None = Field(None, description="'imagenet' or a path to a state_dict")
+    bias: bool = Field(True, description="biases in the SE block's two FC layers (as in the paper)")
+    gate: Literal["sigmoid", "hard_sigmoid"] = Field(
+        "sigmoid", description="SE gate: sigmoid, or hard_sigmoid (MobileNetV3 style, usually with r = 4)"
+    )
+    stem: Literal["imagenet", "cifar"] = Field(
+        "imagenet",
+        description="SE-ResNet stem: imagenet (7x7/2 conv + max-pool) or cifar (3x3/1 conv, no pool: "
+        "32-64 px images)",
+    )
+    placement: Placement | list[Placement] = Field(
+        "block", description="SE-DenseNet: where attention goes: layer, block, final, none, or a list"
+    )
+    drop_rate: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="dropout rate (SE-ResNet: before the classifier; SE-DenseNet: on new dense features)",
+    )
+    memory_efficient: bool = Field(
+        False, description="SE-DenseNet: recompute the bottlenecks in the backward pass (less memory)"
+    )
+    pretrained: str | None = Field(
+        None,
+        description="'imagenet' (torchvision), 'timm:<name>[.<tag>]' (timm's SE weights) or a weights file",
+    )
     num_classes: int | None = Field(
         None, ge=2, description="optional check: the data must have exactly this many classes"
     )
@@ -77,16 +103,18 @@ class ModelConfig(Section):
 class SyntheticConfig(Section):
     """A generated ImageFolder of simple textures, written to data.root when it is missing."""
 
-    classes: int = Field(3, ge=2, le=3)
-    per_class: int = Field(100, ge=4)
-    image_size: int = Field(64, ge=16)
-    seed: int = 0
+    classes: int = Field(
+        3, ge=2, le=3, description="number of texture classes (2 or 3: checkers, spots, stripes)"
+    )
+    per_class: int = Field(100, ge=4, description="images per class")
+    image_size: int = Field(64, ge=16, description="side of the generated JPEGs in pixels")
+    seed: int = Field(0, description="random seed of the generator")
 
 
 class SplitConfig(Section):
-    val: float = Field(0.15, ge=0, lt=1)
-    test: float = Field(0.15, ge=0, lt=1)
-    seed: int = 0
+    val: float = Field(0.15, ge=0, lt=1, description="fraction of the images (of each class) for validation")
+    test: float = Field(0.15, ge=0, lt=1, description="fraction for the test split (0: none)")
+    seed: int = Field(0, description="random seed of the split (and of the fold order in semodel cv)")
     group_by: str | None = Field(
         None, description="regex over the file name; its first group (or whole match) is the group id"
     )
@@ -114,11 +142,15 @@ class SplitConfig(Section):
 
 class AugmentConfig(Section):
     scale: tuple[float, float] = Field((0.35, 1.0), description="random-resized-crop area range")
-    hflip: float = Field(0.5, ge=0, le=1)
-    vflip: float = Field(0.0, ge=0, le=1)
-    auto_augment: Literal["none", "trivial", "rand"] = "none"
-    color_jitter: float = Field(0.0, ge=0, le=1)
-    random_erasing: float = Field(0.0, ge=0, le=1)
+    hflip: float = Field(0.5, ge=0, le=1, description="probability of a horizontal flip")
+    vflip: float = Field(0.0, ge=0, le=1, description="probability of a vertical flip")
+    auto_augment: Literal["none", "trivial", "rand"] = Field(
+        "none", description="none, trivial (TrivialAugmentWide) or rand (RandAugment)"
+    )
+    color_jitter: float = Field(
+        0.0, ge=0, le=1, description="strength of brightness, contrast and saturation jitter (0 = off)"
+    )
+    random_erasing: float = Field(0.0, ge=0, le=1, description="probability of random erasing (0 = off)")
 
     @field_validator("scale")
     @classmethod
@@ -133,25 +165,41 @@ class DataConfig(Section):
     root: str = Field(
         description="an ImageFolder: root/<class>/<image>, or root/{train,val[,test]}/<class>/..."
     )
-    synthetic: SyntheticConfig | None = None
-    image_size: int = Field(224, ge=16, le=2048)
+    synthetic: SyntheticConfig | None = Field(
+        None, description="generate a synthetic ImageFolder into root when it does not exist (the demo)"
+    )
+    image_size: int = Field(
+        224, ge=16, le=2048, description="training crop size and evaluation size in pixels"
+    )
     crop_ratio: float = Field(
         0.875, ge=0.25, le=1, description="eval: resize to image_size / crop_ratio, then crop"
     )
-    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
-    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
-    batch_size: int = Field(32, ge=1)
-    num_workers: int | Literal["auto"] = "auto"
+    mean: tuple[float, float, float] = Field(
+        (0.485, 0.456, 0.406), description="per-channel normalisation mean (RGB; ImageNet's)"
+    )
+    std: tuple[float, float, float] = Field(
+        (0.229, 0.224, 0.225), description="per-channel normalisation std (RGB; ImageNet's)"
+    )
+    batch_size: int = Field(32, ge=1, description="images per batch, per process")
+    num_workers: int | Literal["auto"] = Field(
+        "auto", description="DataLoader worker processes, or auto (by the device and the CPU cores)"
+    )
     cache: Literal["auto", "gpu", "ram", "none"] = Field(
         "none",
         description="decode every image once and keep it (uint8) on the GPU or in RAM; augment per batch on "
         "the device (auto: gpu, else ram, where it fits in a quarter of what is free)",
     )
-    balance: Literal["none", "sampler", "loss"] = "none"
+    balance: Literal["none", "sampler", "loss"] = Field(
+        "none",
+        description="class balancing: none, sampler (draw images weighted 1 / class size) or loss "
+        "(class-weighted cross-entropy)",
+    )
     mixup: float = Field(0.0, ge=0, description="mixup alpha (0 = off)")
     cutmix: float = Field(0.0, ge=0, description="cutmix alpha (0 = off)")
-    split: SplitConfig = SplitConfig()
-    augment: AugmentConfig = AugmentConfig()
+    split: SplitConfig = Field(
+        SplitConfig(), description="how root is split when it has no train/ and val/ subfolders"
+    )
+    augment: AugmentConfig = Field(AugmentConfig(), description="the training images' augmentation")
 
     @field_validator("num_workers")
     @classmethod
@@ -169,40 +217,82 @@ class DataConfig(Section):
 
 
 class OptimConfig(Section):
-    name: Literal["sgd", "adamw"] = "adamw"
+    name: Literal["sgd", "adamw"] = Field("adamw", description="optimizer: adamw or sgd")
     lr: float = Field(1e-3, gt=0, description="learning rate for batch_size x accum_steps (x processes)")
     weight_decay: float = Field(0.05, ge=0, description="not applied to norm and bias parameters")
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum")
-    nesterov: bool = True
-    betas: tuple[float, float] = (0.9, 0.999)
+    nesterov: bool = Field(True, description="SGD: Nesterov momentum")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW: the betas")
+    backbone_lr_scale: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description="the backbone (all but the classifier and attention layers) learns at lr x this",
+    )
 
 
 class ScheduleConfig(Section):
-    name: Literal["cosine", "step", "constant"] = "cosine"
+    name: Literal["cosine", "step", "constant"] = Field(
+        "cosine", description="learning-rate schedule after the warm-up: cosine, step or constant"
+    )
     warmup_epochs: float = Field(1.0, ge=0, description="linear warm-up from 1% of lr")
     min_lr_ratio: float = Field(0.0, ge=0, le=1, description="cosine ends at lr x this")
     step_size: int = Field(30, ge=1, description="step: epochs between decays")
     gamma: float = Field(0.1, gt=0, le=1, description="step: decay factor")
 
 
+class FreezeConfig(Section):
+    """Staged fine-tuning: for the first ``epochs`` epochs only the parts in ``train`` learn."""
+
+    epochs: int = Field(0, ge=0, description="epochs with the rest of the model frozen (0: none)")
+    train: list[Literal["head", "se"]] = Field(
+        ["head"], description="what learns while frozen: the classifier (head), and the SE layers (se)"
+    )
+
+
 class TrainConfig(Section):
-    epochs: int = Field(30, ge=1)
+    epochs: int = Field(30, ge=1, description="number of epochs")
+    freeze: FreezeConfig = Field(
+        FreezeConfig(), description="staged fine-tuning: only some parts learn in the first epochs"
+    )
     device: str = Field("auto", description="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps")
     amp: Literal["auto", "bf16", "fp16", "off"] = Field(
         "auto", description="auto: bf16/fp16 on GPU, off on CPU"
     )
-    channels_last: bool = True
-    compile: bool = False
-    accum_steps: int = Field(1, ge=1)
+    channels_last: bool = Field(True, description="channels_last memory format for the model and the batches")
+    compile: bool = Field(False, description="torch.compile the model")
+    accum_steps: int = Field(1, ge=1, description="gradient accumulation: batches per optimizer step")
     clip_grad: float | None = Field(None, gt=0, description="max global grad norm")
-    label_smoothing: float = Field(0.0, ge=0, lt=1)
-    ema: bool = False
-    ema_decay: float = Field(0.999, gt=0, lt=1)
-    monitor: Literal["val_acc", "val_loss", "val_f1", "val_balanced_acc"] = "val_acc"
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="label smoothing of the cross-entropy loss")
+    ema: bool = Field(
+        False, description="keep an exponential moving average of the weights (validation and best.pt use it)"
+    )
+    ema_decay: float = Field(0.999, gt=0, lt=1, description="EMA decay per optimizer step")
+    monitor: Literal["val_acc", "val_loss", "val_f1", "val_balanced_acc"] = Field(
+        "val_acc", description="the metric that picks best.pt and drives early stopping"
+    )
     patience: int | None = Field(None, ge=1, description="early stopping: epochs without improvement")
-    seed: int = 0
-    deterministic: bool = False
+    seed: int = Field(0, description="seed of the initialisation, the shuffling and the augmentation")
+    deterministic: bool = Field(
+        False, description="deterministic algorithms (on CPU with num_workers: 0, bit-identical resumes)"
+    )
     sync_bn: bool = Field(False, description="SyncBatchNorm across processes (CUDA only)")
+    target_sensitivity: float | None = Field(
+        None,
+        gt=0,
+        lt=1,
+        description="two classes: the operating threshold chosen on val reaches this sensitivity "
+        "(default: Youden's J)",
+    )
+
+    @model_validator(mode="after")
+    def _freeze_leaves_epochs(self) -> TrainConfig:
+        if self.freeze.epochs >= self.epochs:
+            raise ValueError(
+                f"freeze.epochs ({self.freeze.epochs}) must be less than epochs ({self.epochs}): "
+                "the whole model must train for at least one epoch"
+            )
+        return self
 
     @field_validator("amp", mode="before")
     @classmethod
@@ -212,9 +302,10 @@ class TrainConfig(Section):
 
 
 class LogConfig(Section):
-    out_dir: str = "runs"
+    out_dir: str = Field("runs", description="the folder that holds the run folders")
     name: str | None = Field(None, description="run folder name (default: the config file's name)")
-    tensorboard: bool = True
+    tensorboard: bool = Field(True, description="write TensorBoard events into the run folder")
+    report: bool = Field(True, description="write the run report (report.html and its files) at the end")
 
     @field_validator("name")
     @classmethod
@@ -241,13 +332,13 @@ class CVConfig(Section):
 
 
 class Config(Section):
-    model: ModelConfig = ModelConfig()
-    data: DataConfig
-    optim: OptimConfig = OptimConfig()
-    schedule: ScheduleConfig = ScheduleConfig()
-    train: TrainConfig = TrainConfig()
-    log: LogConfig = LogConfig()
-    cv: CVConfig = CVConfig()
+    model: ModelConfig = Field(ModelConfig(), description="the network")
+    data: DataConfig = Field(description="the images: where they are, how they are split, read and augmented")
+    optim: OptimConfig = Field(OptimConfig(), description="the optimizer")
+    schedule: ScheduleConfig = Field(ScheduleConfig(), description="the learning-rate schedule")
+    train: TrainConfig = Field(TrainConfig(), description="the training loop")
+    log: LogConfig = Field(LogConfig(), description="where and what a run writes")
+    cv: CVConfig = Field(CVConfig(), description="semodel cv only: k-fold cross-validation")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict of builtins (lists, not tuples) for YAML and checkpoints."""
@@ -466,6 +557,69 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     overrides = list(overrides or [])
     source = str(path) + (f" (with --set {' '.join(overrides)})" if overrides else "")
     return validate(apply_overrides(raw, overrides), source)
+
+
+@dataclass
+class StartOptions:
+    """``semodel train --data DIR [--model ...]``: a run started from a folder instead of a YAML file.
+
+    Each option stands for one ``--set`` override (``START_KEYS``) on the schema's defaults or on
+    the given config; an explicit ``--set`` of the same key wins.
+    """
+
+    data: str | Path | None = None
+    model: str | None = None
+    epochs: int | None = None
+    image_size: int | None = None
+    pretrained: str | None = None
+
+    def overrides(self) -> list[str]:
+        values = {key: getattr(self, option) for option, key in START_KEYS.items()}
+        return [f"{key}={value}" for key, value in values.items() if value is not None]
+
+    def flags(self) -> list[str]:
+        """The options again, as command-line arguments (``--data photos --model se_resnet50``)."""
+        out = []
+        for option in START_KEYS:
+            value = getattr(self, option)
+            if value is not None:
+                out += [f"--{option.replace('_', '-')}", str(value)]
+        return out
+
+
+# The option of ``semodel train`` -> the config key it sets.
+START_KEYS = {
+    "data": "data.root",
+    "model": "model.name",
+    "epochs": "train.epochs",
+    "image_size": "data.image_size",
+    "pretrained": "model.pretrained",
+}
+
+
+def folder_run_name(folder: str | Path) -> str:
+    """A run name (``log.name``) from a data folder's name: ``photos/`` -> ``photos``."""
+    name = Path(folder).expanduser().resolve().name
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.") or "run"
+
+
+def config_from_options(
+    config_path: str | Path | None, overrides: list[str], options: StartOptions
+) -> Config:
+    """The config of a new run: ``config_path`` (or the schema's defaults when None), then the
+    options' overrides (``--data`` etc.), then ``overrides`` (``--set``). Without a config file the
+    run is named after the data folder (``log.name``), unless ``--set log.name=...`` says otherwise."""
+    if config_path is not None and not options.flags():
+        return load_config(config_path, overrides)  # the plain --config run, worded as always
+    raw = read_yaml(config_path) if config_path is not None else {}
+    start = options.overrides()
+    if config_path is None and options.data is not None:
+        start.append(f"log.name={folder_run_name(options.data)}")
+    given = [*options.flags(), *(a for o in overrides for a in ("--set", o))]
+    source = str(config_path) if config_path is not None else "the command line"
+    source += f" (with {' '.join(given)})" if given and config_path is not None else ""
+    source += f" ({' '.join(given)})" if given and config_path is None else ""
+    return validate(apply_overrides(raw, [*start, *overrides]), source)
 
 
 def config_from_dict(raw: dict[str, Any], source: str = "checkpoint") -> Config:

@@ -41,13 +41,23 @@ def crop_box(height: int, width: int, size: int) -> tuple[int, int]:
 
 
 def _uint8_resize_is_native() -> bool:
-    """Whether torchvision resizes uint8 images directly (it does on AVX2/AVX512/ARM CPUs)."""
-    import platform
+    """Whether the installed torchvision resizes uint8 images directly instead of through floats.
 
-    return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512") or platform.machine() in (
-        "aarch64",
-        "arm64",
-    )
+    Its rule (``_do_native_uint8_resize_on_cpu``) changed over releases: AVX2 CPUs up to 0.23,
+    AVX2 and AVX512 from 0.24, and ARM too from 0.27. The version is read from the package's
+    metadata, so that predict still does not import torchvision.
+    """
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        release = tuple(int(part) for part in version("torchvision").split("+")[0].split(".")[:2])
+    except (PackageNotFoundError, ValueError):
+        release = (0, 29)
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability == "AVX2" or (capability == "AVX512" and release >= (0, 24)):
+        return True
+    return release >= (0, 27) and platform.machine() in ("aarch64", "arm64")
 
 
 def _resize_uint8(x: torch.Tensor, new_h: int, new_w: int) -> torch.Tensor:

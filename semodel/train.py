@@ -26,9 +26,12 @@ from torch import nn
 
 import semodel.distributed as distributed
 from semodel._version import __version__
+from semodel.analysis import analyse, fit_calibration, groups_of, prediction_rows, write_predictions
 from semodel.cache import refuse as refuse_cache
 from semodel.checkpoint import (
     Progress,
+    best_state,
+    cpu_copy,
     load_checkpoint,
     load_resumable,
     model_options,
@@ -36,16 +39,37 @@ from semodel.checkpoint import (
     save_checkpoint,
     training_state,
 )
-from semodel.config import Config, apply_overrides, config_from_dict, load_config, write_yaml
+from semodel.config import (
+    Config,
+    StartOptions,
+    apply_overrides,
+    config_from_dict,
+    config_from_options,
+    write_yaml,
+)
 from semodel.data import Dataset, Sample, prepare_dataset, write_split_csv
 from semodel.distributed import World
 from semodel.errors import Interrupted, SemodelError, first_line
-from semodel.files import make_run_dir, remove_stale_temp_files, run_name, write_json
+from semodel.files import (
+    BackgroundWriter,
+    make_run_dir,
+    read_json,
+    remove_stale_temp_files,
+    run_name,
+    write_json,
+)
 from semodel.loaders import Loaders, build_loaders, eval_loader, make_mixer
 from semodel.metrics import classification_metrics
-from semodel.models import build_model, learned_widths, load_pretrained, prune_attention, sparsity_loss
+from semodel.models import (
+    build_model,
+    learned_widths,
+    load_pretrained,
+    pretrained_model_options,
+    prune_attention,
+    sparsity_loss,
+)
 from semodel.models.attention import format_widths, learned_blocks
-from semodel.optim import gate_travel, make_optimizer, make_scheduler
+from semodel.optim import EMA, gate_travel, make_optimizer, make_scheduler
 from semodel.preprocess import preprocess_of
 from semodel.runlog import Logger, epoch_scalars, flat_hparams, log_line, open_fraction, width_scalars
 from semodel.runlog import quiet as quiet_log
@@ -58,6 +82,7 @@ from semodel.runtime import (
     rng_state,
     seed_everything,
 )
+from semodel.timing import Budget, timed
 
 # Metric to monitor -> (key in the validation metrics, whether higher is better)
 MONITORS = {
@@ -68,6 +93,7 @@ MONITORS = {
 }
 
 Log = Callable[[str], None]
+PROGRESS_EVERY = 20  # training steps between reads of the summed loss (NaN check, progress bar)
 
 
 @dataclass
@@ -135,6 +161,8 @@ class Run:
     logger: Logger | None = None
     progress: Progress = field(default_factory=Progress)
     history: list[dict[str, Any]] = field(default_factory=list)
+    budget: Budget = field(default_factory=Budget)  # where the wall time goes (semodel.timing)
+    checkpoints: BackgroundWriter = field(default_factory=BackgroundWriter)  # last.pt / best.pt writes
 
     # What the checkpoint format reads (semodel.checkpoint.TrainingRun).
     @cached_property
@@ -197,7 +225,9 @@ def fit(
         train_epochs(run)
         distributed.barrier(world)
         if world.is_main:
-            finish_run(run)
+            with run.budget.part("final_test"):
+                finish_run(run)
+            record_time_budget(run)
         return run.run_dir
     except RuntimeError as e:
         # A worker killed (OOM killer, a signal) or exited: torch raises a RuntimeError from
@@ -232,13 +262,14 @@ def diverged(what: str, progress: Progress) -> str:
 def setup_run(cfg: Config, world: World, start: Start) -> Run:
     """Device, data, loaders, model, optimizer and (on resume) the saved state; writes nothing."""
     resume, log = start.resume, start.log
+    pretrained = cfg.model.pretrained if resume is None else None  # a resumed run has its own weights
+    cfg = fit_to_pretrained(cfg, pretrained, log)  # before the build: best.pt's config rebuilds the shapes
     seed_everything(cfg.train.seed, cfg.train.deterministic)
     device = training_device(cfg, world)
     dtype = amp_dtype(cfg.train.amp, device)
     refuse_cache(cfg, device)  # a data.cache the device or the augmentations cannot take
     data = load_data(cfg, world, start)
     loaders = build_loaders(cfg, data, device, world, log)
-    pretrained = cfg.model.pretrained if resume is None else None  # a resumed run has its own weights
     model = build_training_model(cfg, len(data.classes), pretrained, device, world, log)
     optimizer = make_optimizer(cfg, model)
     steps_per_epoch = math.ceil(len(loaders.sampler) / cfg.train.accum_steps)
@@ -260,6 +291,7 @@ def setup_run(cfg: Config, world: World, start: Start) -> Run:
         show_bars=not start.quiet and sys.stderr.isatty(),
         resumed=resume is not None,
         t_start=start.t_start,
+        budget=Budget(start.t_start),
     )
     if run.objective.penalty is not None:
         warn_short_gate_travel(cfg, steps_per_epoch, log)
@@ -297,6 +329,20 @@ def load_data(cfg: Config, world: World, start: Start) -> Dataset:
     return distributed.broadcast_object(data, world)
 
 
+def fit_to_pretrained(cfg: Config, pretrained: str | None, log: Log) -> Config:
+    """``cfg`` with the model options the ``pretrained`` weights need (timm's SE-ResNet-18/34 SE
+    widths: ``model.min_channels: 8``), checked before anything is built or downloaded."""
+    if not pretrained:
+        return cfg
+    options = model_options(cfg.to_dict())
+    overrides = pretrained_model_options(options.pop("name"), pretrained, options)
+    if not overrides:
+        return cfg
+    changes = ", ".join(f"model.{key}: {value}" for key, value in overrides.items())
+    log(f"model options set to fit the pretrained weights ({pretrained}): {changes}")
+    return cfg.model_copy(update={"model": cfg.model.model_copy(update=overrides)})
+
+
 def build_training_model(
     cfg: Config, num_classes: int, pretrained: str | None, device: torch.device, world: World, log: Log
 ) -> nn.Module:
@@ -312,12 +358,8 @@ def build_training_model(
     return model.to(device).to(memory_format=memory_format)
 
 
-def make_ema(cfg: Config, model: nn.Module):
-    if not cfg.train.ema:
-        return None
-    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-
-    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.train.ema_decay), use_buffers=True)
+def make_ema(cfg: Config, model: nn.Module) -> EMA | None:
+    return EMA(model, cfg.train.ema_decay) if cfg.train.ema else None
 
 
 def make_objective(cfg: Config, data: Dataset, model: nn.Module, device: torch.device) -> Objective:
@@ -369,8 +411,36 @@ def wrap_for_training(model: nn.Module, cfg: Config, world: World, device: torch
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [device.index] if device.type == "cuda" else None
-        train_model = DistributedDataParallel(train_model, device_ids=ids)
+        # train.freeze leaves parts of the model without gradients for its first epochs.
+        unused = cfg.train.freeze.epochs > 0
+        train_model = DistributedDataParallel(train_model, device_ids=ids, find_unused_parameters=unused)
     return train_model
+
+
+def model_part(name: str) -> str:
+    """``head`` (the classifier), ``se`` (the attention layers) or ``backbone``: what train.freeze names."""
+    if name.startswith(("fc.", "classifier.")) or name in ("fc", "classifier"):
+        return "head"
+    return "se" if ".se." in f".{name}." else "backbone"
+
+
+def apply_freeze(run: Run, epoch: int) -> None:
+    """``train.freeze``: during its first epochs only the parts it lists learn; the others keep their
+    weights (no gradient) and their batch-norm statistics (BN in eval mode). Then everything learns."""
+    freeze = run.cfg.train.freeze
+    if not freeze.epochs or epoch > freeze.epochs + 1:
+        return
+    frozen = epoch <= freeze.epochs
+    for name, p in run.model.named_parameters():
+        p.requires_grad_(not frozen or model_part(name) in freeze.train)
+    if frozen:
+        for name, module in run.model.named_modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm) and model_part(name) not in freeze.train:
+                module.eval()
+    if epoch in (1, freeze.epochs + 1):
+        verb = "learns" if len(freeze.train) == 1 else "learn"
+        what = f"only {' and '.join(freeze.train)} {verb} (train.freeze)" if frozen else "everything learns"
+        run.log(f"epoch {epoch}: {what}")
 
 
 def open_run_folder(run: Run, start: Start) -> None:
@@ -405,42 +475,55 @@ def open_run_folder(run: Run, start: Start) -> None:
 
 
 def train_epochs(run: Run) -> None:
-    """Train epoch after epoch until ``train.epochs``, early stopping, or Ctrl-C."""
-    with Interrupt("finishing the current step, then saving last.pt") as interrupt:
-        while run.progress.epoch < run.cfg.train.epochs:
-            epoch = run.progress.epoch + 1
-            run.loaders.sampler.set_epoch(epoch, run.progress.step_in_epoch)
-            started = time.time()
-            train_stats = train_one_epoch(run, epoch, interrupt)
-            if interrupt.requested:
-                save_state(run, None, ["last.pt"])
-                last = run.run_dir / "last.pt"
-                run.log(f"interrupted in epoch {epoch}; saved {last}\nresume with: {run.resume_hint}")
-                raise Interrupted()
-            result = EpochResult(epoch, train_stats, {}, started, time.time() - started)
-            result.val = validate(run, epoch)
-            record_epoch(run, result)
-            # best.pt first: a crash between the two writes leaves last.pt one epoch behind, and
-            # the resumed run redoes the epoch and its best.pt. (The other order could leave a
-            # last.pt whose best epoch best.pt never received.)
-            save_state(run, result.val, ["best.pt", "last.pt"] if result.improved else ["last.pt"])
-            log_epoch(run, result)
-            if early_stop(run):
-                break
+    """Train epoch after epoch until ``train.epochs``, early stopping, or Ctrl-C. Checkpoints are
+    written in the background; the last write is waited for before this returns or raises."""
+    run.budget.fill("startup")
+    try:
+        with Interrupt("finishing the current step, then saving last.pt") as interrupt:
+            while run.progress.epoch < run.cfg.train.epochs:
+                epoch = run.progress.epoch + 1
+                run.loaders.sampler.set_epoch(epoch, run.progress.step_in_epoch)
+                started = time.time()
+                train_stats = train_one_epoch(run, epoch, interrupt)
+                if interrupt.requested:
+                    save_state(run, None, ["last.pt"])
+                    wait_for_checkpoints(run)
+                    last = run.run_dir / "last.pt"
+                    run.log(f"interrupted in epoch {epoch}; saved {last}\nresume with: {run.resume_hint}")
+                    raise Interrupted()
+                result = EpochResult(epoch, train_stats, {}, started, time.time() - started)
+                with run.budget.part("validation"):
+                    result.val = validate(run, epoch)
+                with run.budget.part("logging"):
+                    record_epoch(run, result)
+                # best.pt first: a crash between the two writes leaves last.pt one epoch behind, and
+                # the resumed run redoes the epoch and its best.pt. (The other order could leave a
+                # last.pt whose best epoch best.pt never received.)
+                save_state(run, result.val, ["best.pt", "last.pt"] if result.improved else ["last.pt"])
+                with run.budget.part("logging"):
+                    log_epoch(run, result)
+                if early_stop(run):
+                    break
+    finally:
+        wait_for_checkpoints(run)  # also when the run fails: the files are complete before it ends
 
 
 def train_one_epoch(run: Run, epoch: int, interrupt: Interrupt) -> dict[str, float]:
     """One pass over the training batches (from where an interrupted epoch stopped); loss, accuracy
-    and images/s over all ranks."""
+    and images/s over all ranks. The loss and accuracy add up on the device (``Tally``) and are
+    read every ``PROGRESS_EVERY`` steps and at the end: no host sync per step."""
     from tqdm import tqdm
 
     run.train_model.train()
+    apply_freeze(run, epoch)
     accum = run.cfg.train.accum_steps
     loader = run.loaders.train
-    loss_sum, correct, seen, pending, t0 = 0.0, 0, 0, 0, time.time()
+    tally = Tally(len(loader), run.device, run.progress.step_in_epoch)
+    pending, t0, since = 0, time.time(), run.budget.mark()
     last_batch = len(loader) - 1
     desc = f"epoch {epoch}/{run.cfg.train.epochs}"
-    bar = tqdm(loader, desc=desc, leave=False, disable=not run.show_bars, dynamic_ncols=True)
+    batches = timed(loader, run.budget)  # the time blocked in the loader is the budget's data_wait
+    bar = tqdm(batches, desc, len(loader), leave=False, disable=not run.show_bars, dynamic_ncols=True)
     run.optimizer.zero_grad(set_to_none=True)
     for index, (images, labels) in enumerate(bar):
         if images.numel() == 0:
@@ -453,25 +536,74 @@ def train_one_epoch(run: Run, epoch: int, interrupt: Interrupt) -> dict[str, flo
         if pending == accum:
             optimizer_step(run)
             pending = 0
-        loss_sum += loss.item() * labels.numel()
-        correct += (logits.argmax(1) == labels).sum().item()
-        seen += labels.numel()
-        if run.show_bars:
-            lr = run.optimizer.param_groups[0]["lr"]
-            rate = seen / (time.time() - t0)
-            bar.set_postfix(
-                loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.1%}", lr=f"{lr:.1e}", ips=f"{rate:.0f}"
-            )
-        if pending == 0 and distributed.any_rank(interrupt.requested, run.world):
-            interrupt.requested = True  # every rank stops after the same step
+        tally.add(loss, logits, labels)
+        cadence = (index + 1) % PROGRESS_EVERY == 0  # the same batches on every rank
+        if cadence:
+            tally.check(epoch, run.progress)
+            if run.show_bars:
+                bar.set_postfix(tally.postfix(run.optimizer, t0), refresh=False)
+        # Under DDP every rank stops after the same step (a collective: at the progress cadence).
+        asked = pending == 0 and (cadence or not run.world.distributed)
+        if asked and distributed.any_rank(interrupt.requested, run.world):
+            interrupt.requested = True
             break
     if pending and not interrupt.requested:
         optimizer_step(run)
     bar.close()
+    tally.check(epoch, run.progress)  # before anything is saved
     elapsed = max(time.time() - t0, 1e-9)
-    totals = distributed.gather_objects((loss_sum, correct, seen), run.world)
+    totals = distributed.gather_objects(tally.totals(), run.world)
     loss_sum, correct, seen = (sum(t[i] for t in totals) for i in range(3))
+    run.budget.rest_to("train_step", since)
     return {"loss": loss_sum / max(seen, 1), "acc": correct / max(seen, 1), "images_per_s": seen / elapsed}
+
+
+class Tally:
+    """An epoch's training loss and accuracy, added up on the device: reading them is a host sync
+    (on CUDA, a wait for every queued step), so ``check`` and ``totals`` do it at a cadence."""
+
+    def __init__(self, steps: int, device: torch.device, start: int) -> None:
+        self.losses = torch.zeros(max(steps, 1), device=device)  # each step's mean loss
+        self.correct = torch.zeros((), dtype=torch.long, device=device)
+        self.sizes: list[int] = []
+        self.start, self.checked = start, 0  # steps done before (resume), steps checked finite
+
+    @property
+    def steps(self) -> int:
+        return len(self.sizes)
+
+    def add(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        self.losses[self.steps] = loss.detach()
+        self.correct += (logits.detach().argmax(1) == labels).sum()
+        self.sizes.append(labels.numel())
+
+    def check(self, epoch: int, progress: Progress) -> None:
+        """The steps since the last check had finite losses; else the error that names the first."""
+        new = self.losses[self.checked : self.steps]
+        finite = torch.isfinite(new)
+        if not bool(finite.all()):
+            first = int((~finite).nonzero()[0])
+            step = self.start + self.checked + first + 1
+            what = f"loss became {new[first].item()} in epoch {epoch}, step {step}"
+            raise SemodelError(diverged(what, progress))
+        self.checked = self.steps
+
+    def totals(self) -> tuple[float, int, int]:
+        """Summed loss (x batch size), correct predictions and images so far."""
+        sizes = torch.tensor(self.sizes, dtype=torch.float32, device=self.losses.device)
+        loss_sum = float((self.losses[: self.steps] * sizes).sum()) if self.sizes else 0.0
+        return loss_sum, int(self.correct), sum(self.sizes)
+
+    def postfix(self, optimizer: torch.optim.Optimizer, t0: float) -> dict[str, str]:
+        loss_sum, correct, seen = self.totals()
+        lr = optimizer.param_groups[0]["lr"]
+        rate = seen / max(time.time() - t0, 1e-9)
+        return {
+            "loss": f"{loss_sum / seen:.3f}",
+            "acc": f"{correct / seen:.1%}",
+            "lr": f"{lr:.1e}",
+            "ips": f"{rate:.0f}",
+        }
 
 
 def forward_backward(
@@ -494,11 +626,7 @@ def forward_backward(
         loss = F.cross_entropy(
             logits.float(), targets, weight=objective.class_weights, label_smoothing=objective.label_smoothing
         )
-        if not torch.isfinite(loss):
-            step = run.progress.step_in_epoch + 1
-            raise SemodelError(
-                diverged(f"loss became {loss.item()} in epoch {epoch}, step {step}", run.progress)
-            )
+        # (A non-finite loss is caught by train_one_epoch's Tally, at the progress cadence.)
         total = loss + objective.penalty() if objective.penalty is not None else loss
         run.scaler.scale(total / cfg.train.accum_steps).backward()
     return loss, logits, labels
@@ -514,7 +642,9 @@ def optimizer_step(run: Run) -> None:
     run.scheduler.step()
     run.progress.global_step += 1
     if run.ema is not None:
+        t0 = time.perf_counter()
         run.ema.update_parameters(run.model)
+        run.budget.add("ema", time.perf_counter() - t0)
 
 
 def validate(run: Run, epoch: int) -> dict[str, Any]:
@@ -550,20 +680,49 @@ def record_epoch(run: Run, result: EpochResult) -> None:
         p.best_value, p.best_epoch, p.stale_epochs = value, result.epoch, 0
     else:
         p.stale_epochs += 1
-    run.history.append({"epoch": result.epoch, "train": result.train, "val": result.val})
+    # The learning rate and the epoch's time (training + validation) go into the history, for
+    # results.csv and the curves of the run report.
+    train = {
+        **result.train,
+        "lr": run.optimizer.param_groups[0]["lr"],
+        "epoch_time_s": time.time() - result.started,
+    }
+    run.history.append({"epoch": result.epoch, "train": train, "val": result.val})
 
 
 def save_state(run: Run, metrics: dict[str, Any] | None, names: list[str]) -> None:
-    """Write the run's checkpoint to ``names`` in the run folder (rank 0; every rank must call it)."""
+    """Write the run's checkpoint to ``names`` in the run folder (rank 0; every rank must call it).
+
+    The state is copied to the CPU now and written by a background thread while training goes on
+    (best.pt slim: ``checkpoint.best_state``); the previous write is waited for first, and its
+    failure raised here.
+    """
     rngs = distributed.gather_objects(rng_state(), run.world)  # a collective: every rank calls it
     if not run.world.is_main:
         return
-    state = training_state(run, metrics, rngs)
-    for name in names:
+    wait_for_checkpoints(run)
+    with run.budget.part("checkpoint"):
+        state = cpu_copy(training_state(run, metrics, rngs))
+        files = [(run.run_dir / name, best_state(state) if name == "best.pt" else state) for name in names]
+        run.checkpoints.submit(lambda: write_checkpoints(files))
+
+
+def write_checkpoints(files: list[tuple[Path, dict[str, Any]]]) -> None:
+    """(On the background writer's thread.) Each file atomically, in order."""
+    for path, state in files:
+        save_checkpoint(state, path)
+
+
+def wait_for_checkpoints(run: Run) -> None:
+    """Until the background checkpoint write is done; a failed one (disk full, I/O error) is one
+    error line that says what is kept and how to go on."""
+    with run.budget.part("checkpoint"):
         try:
-            save_checkpoint(state, run.run_dir / name)
-        except SemodelError as e:  # disk full, I/O error: say what is kept and how to go on
+            run.checkpoints.wait()
+        except SemodelError as e:
             raise SemodelError(f"{e}; {resume_note(run)}") from None
+        finally:
+            run.budget.background = run.checkpoints.busy
 
 
 def log_epoch(run: Run, result: EpochResult) -> None:
@@ -609,8 +768,10 @@ def finish_run(run: Run) -> None:
     result["val"] = best["metrics"]
     run.model.load_state_dict(best["ema"] if run.ema is not None else best["model"])
     result.update(prune_learned_widths(run))
+    result["calibration"] = calibrate_best(run, best)
+    result["data"] = {"root": str(run.data.root), "skipped": [list(f) for f in run.data.bad_files]}
     if run.data.split("test"):
-        result["test"] = test_best(run, best["preprocess"])
+        result.update(test_best(run, best))
     write_json(run.run_dir / "metrics.json", result)
     final = {
         f"hparam/{k}": v for k, v in (result.get("test") or result["val"]).items() if isinstance(v, float)
@@ -639,33 +800,80 @@ def prune_learned_widths(run: Run) -> dict[str, Any]:
     return {"learned_widths": widths, "params": {"trained": params, "pruned": pruned}}
 
 
-def test_best(run: Run, preprocess: dict[str, Any]) -> dict[str, Any]:
-    """Metrics of the best weights (in ``run.model``) on the test split."""
+def split_predictions(
+    run: Run, split: str, preprocess: dict[str, Any]
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """The best weights (in ``run.model``) on a whole split: probabilities, targets, mean loss."""
     loader = eval_loader(
-        run.data.root,
-        run.data.split("test"),
-        preprocess,
-        run.cfg.data.batch_size * 2,
-        **run.loaders.loader_kw,
+        run.data.root, run.data.split(split), preprocess, run.cfg.data.batch_size * 2, **run.loaders.loader_kw
     )
-    probs, targets, loss = predict_probs(
-        run.model, loader, run.device, run.dtype, run.cfg.train.channels_last
+    return predict_probs(run.model, loader, run.device, run.dtype, run.cfg.train.channels_last)
+
+
+def calibrate_best(run: Run, best: dict[str, Any]) -> dict[str, Any]:
+    """Fit the temperature and (two classes) the operating threshold on the validation split, and
+    store them in best.pt, where eval, predict and export find them."""
+    probs, targets, _ = split_predictions(run, "val", best["preprocess"])
+    best["calibration"] = fit_calibration(probs, targets, run.cfg.train.target_sensitivity)
+    save_checkpoint(best, run.run_dir / "best.pt")
+    cal = best["calibration"]
+    threshold = (
+        f"; threshold {cal['threshold']:.4f} ({cal['threshold_rule']})"
+        if cal["threshold"] is not None
+        else ""
     )
+    run.log(
+        f"calibration on val: temperature {cal['temperature']:.3f} (ECE {cal['ece_before']:.3f} -> "
+        f"{cal['ece_after']:.3f}){threshold}"
+    )
+    return cal
+
+
+def test_best(run: Run, best: dict[str, Any]) -> dict[str, Any]:
+    """The best weights on the test split: metrics, their intervals (metrics.json) and one row per
+    image (test_predictions.csv)."""
+    samples = run.data.split("test")
+    probs, targets, loss = split_predictions(run, "test", best["preprocess"])
     test = classification_metrics(probs, targets, run.data.classes)
     test["loss"] = loss
     run.log(
         f"test (best epoch {run.progress.best_epoch}): acc {test['acc']:.1%}  balanced acc "
         f"{test['balanced_acc']:.1%}  f1 {test['f1_macro']:.3f}  n={test['n']}"
     )
-    return test
+    if len(targets) != len(samples):  # an image became unreadable since the scan: no table
+        return {"test": test}
+    groups = groups_of(samples, run.cfg.data.split.group_by)
+    write_predictions(
+        run.run_dir / "test_predictions.csv", prediction_rows(samples, run.data.classes, probs, groups)
+    )
+    analysis = analyse(probs, targets, run.data.classes, groups, best["calibration"], resamples=1000)
+    return {"test": test, "test_analysis": analysis}
+
+
+def record_time_budget(run: Run) -> None:
+    """Where the run's wall time went (semodel.timing): two lines on the console and ``time_budget``
+    in metrics.json; after ``finish_run``, so that the final test is in it."""
+    report = run.budget.report()
+    path = run.run_dir / "metrics.json"
+    write_json(path, {**read_json(path), "time_budget": report})
+    run.log(run.budget.summary())
 
 
 # ----------------------------------------------------------------------------- CLI entry
 
 
-def train_from_cli(config_path: Path | None, overrides: list[str], resume: Path | None, quiet: bool) -> Path:
+def train_from_cli(
+    config_path: Path | None,
+    overrides: list[str],
+    resume: Path | None,
+    quiet: bool,
+    options: StartOptions | None = None,
+) -> Path:
+    """``semodel train``: a new run from ``--config`` and/or ``--data DIR [--model ...]`` (``options``),
+    or ``--resume``."""
     if resume is None:
-        return fit(load_config(config_path, overrides), config_path, quiet=quiet)
+        cfg = config_from_options(config_path, overrides, options or StartOptions())
+        return fit(cfg, config_path, quiet=quiet)
     state = load_resumable(resume)
     source = f"{resume} (with --set {' '.join(overrides)})" if overrides else str(resume)
     cfg = config_from_dict(apply_overrides(state["config"], overrides), source)

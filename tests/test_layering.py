@@ -3,8 +3,9 @@
 Read from the source with ``ast`` (nothing is imported), counting imports inside functions too:
 a lazy import is still a dependency. The layers (docs/architecture.md):
 
-- commands: ``train, evaluate, predict, export, inspection, cv, cli`` and the façades ``api``,
-  ``__main__`` and the package itself (``semodel/__init__.py``), which reach the commands;
+- commands: ``train, evaluate, predict, export, inspection, report, cv, lrfind, template, cli`` and
+  the façades ``api``, ``__main__`` and the package itself (``semodel/__init__.py``), which reach
+  the commands;
 - everything else is low level (files, runtime, preprocess, data, models, checkpoint, ...) and may
   import only other low-level modules.
 """
@@ -17,7 +18,20 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "semodel"
-COMMANDS = {"train", "evaluate", "predict", "export", "inspection", "cv", "cli", "api", "__main__"}
+COMMANDS = {
+    "train",
+    "evaluate",
+    "predict",
+    "export",
+    "inspection",
+    "report",
+    "cv",
+    "lrfind",
+    "template",
+    "cli",
+    "api",
+    "__main__",
+}
 
 
 def module_names(root: Path) -> dict[str, Path]:

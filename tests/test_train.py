@@ -104,6 +104,7 @@ def test_run_folder_holds_config_split_events_checkpoints_metrics(straight):
         "last.pt",
         "metrics.json",
         "split.csv",
+        "test_predictions.csv",
     ]
 
     # config.yaml: the resolved config (defaults filled in), which loads back and validates.
@@ -130,10 +131,17 @@ def test_run_folder_holds_config_split_events_checkpoints_metrics(straight):
 
 # The checkpoint format, frozen: a change to it must change this set, semodel/checkpoint.py's
 # docstring, and (if old files no longer load) checkpoint.FORMAT_VERSION, deliberately.
-CHECKPOINT_KEYS = {
+# last.pt: everything resume needs. best.pt: what eval, predict, export, inspect and cv read, with
+# one set of weights (the selected ones) and no training state.
+LAST_KEYS = {
     "semodel", "config", "classes", "preprocess", "model", "ema", "epoch", "progress", "best", "metrics",
     "history", "optimizer", "scheduler", "scaler", "rng", "rng_ranks", "world_size", "run_dir", "data_root",
 }  # fmt: skip
+BEST_KEYS = {
+    "semodel", "config", "classes", "preprocess", "model", "ema", "selected", "epoch", "best", "metrics",
+    "history", "run_dir", "data_root", "calibration",
+}  # fmt: skip
+CHECKPOINT_KEYS = {"last.pt": LAST_KEYS, "best.pt": BEST_KEYS}
 
 
 @pytest.mark.parametrize("name", ["last.pt", "best.pt"])
@@ -141,13 +149,14 @@ def test_checkpoint_key_set_is_frozen(straight, name):
     from semodel import checkpoint
 
     state = load_ckpt(straight["run_dir"] / name)
-    assert set(state) == CHECKPOINT_KEYS
-    assert set(state["progress"]) == {
-        "epoch", "step_in_epoch", "global_step", "best_value", "best_epoch", "stale_epochs"
-    }  # fmt: skip
+    assert set(state) == CHECKPOINT_KEYS[name]
+    if name == "last.pt":
+        assert set(state["progress"]) == {
+            "epoch", "step_in_epoch", "global_step", "best_value", "best_epoch", "stale_epochs"
+        }  # fmt: skip
     # Every key is documented in the module that owns the format.
     documented = set(re.findall(r"^    (\w+(?:, \w+)*) {2,}", checkpoint.__doc__, flags=re.M))
-    assert {k for line in documented for k in line.split(", ")} == CHECKPOINT_KEYS
+    assert {k for line in documented for k in line.split(", ")} == LAST_KEYS | BEST_KEYS
 
 
 @pytest.mark.parametrize("name", ["last.pt", "best.pt"])
@@ -163,9 +172,23 @@ def test_checkpoints_load_weights_only_and_hold_everything(straight, name):
     assert state["model"]["fc.weight"].shape[0] == len(CLASSES)
     assert state["preprocess"] == preprocess_of(cfg)
 
+    assert all_finite(state["model"])
+    model = build_from_checkpoint(state)
+    x = torch.randn(2, 3, cfg.data.image_size, cfg.data.image_size)
+    with torch.no_grad():
+        assert model(x).shape == (2, len(CLASSES))
+    if name == "best.pt":  # slim: the selected (EMA) weights once, no training state
+        assert state["selected"] == "ema" and state["epoch"] == state["best"]["epoch"]
+        last = load_ckpt(straight["run_dir"] / "last.pt")
+        assert state["model"].keys() == state["ema"].keys()
+        assert all(torch.equal(state["model"][k], state["ema"][k]) for k in state["model"])
+        if state["epoch"] == last["epoch"]:
+            assert_same_tensors(state["ema"], last["ema"], "best.pt's weights are last.pt's EMA")
+        return
+
     progress = state["progress"]
     best = load_ckpt(straight["run_dir"] / "best.pt")
-    assert state["epoch"] == progress["epoch"] == (3 if name == "last.pt" else best["best"]["epoch"])
+    assert state["epoch"] == progress["epoch"] == 3 and best["epoch"] == best["best"]["epoch"]
     assert progress["global_step"] == 2 * progress["epoch"]  # 2 optimizer steps per epoch
     assert progress["step_in_epoch"] == 0
     assert state["best"]["metric"] == "val_acc"
@@ -186,12 +209,6 @@ def test_checkpoints_load_weights_only_and_hold_everything(straight, name):
     rng = state["rng"]
     assert isinstance(rng["python"], list) and len(rng["python"]) == 625
     assert isinstance(rng["numpy"], torch.Tensor) and isinstance(rng["torch"], torch.Tensor)
-    assert all_finite(state["model"])
-
-    model = build_from_checkpoint(state)
-    x = torch.randn(2, 3, cfg.data.image_size, cfg.data.image_size)
-    with torch.no_grad():
-        assert model(x).shape == (2, len(CLASSES))
 
 
 def test_tensorboard_scalars_one_per_epoch_and_match_metrics(straight):
@@ -592,10 +609,20 @@ def test_class_balancing_and_mixing_run(tmp_path, monkeypatch, balance, mixing):
     real_cross_entropy = torch.nn.functional.cross_entropy
 
     def recording_cross_entropy(logits, target, *args, **kwargs):
-        if kwargs.get("reduction", "mean") == "mean":  # training; evaluation sums
+        if in_step:  # the training loss (not evaluation's, nor the calibration's fit)
             losses.append((target.detach().clone(), kwargs.get("weight")))
         return real_cross_entropy(logits, target, *args, **kwargs)
 
+    in_step, real_forward_backward = [], semodel.train.forward_backward
+
+    def recording_forward_backward(*args, **kwargs):
+        in_step.append(True)
+        try:
+            return real_forward_backward(*args, **kwargs)
+        finally:
+            in_step.pop()
+
+    monkeypatch.setattr(semodel.train, "forward_backward", recording_forward_backward)
     monkeypatch.setattr(semodel.loaders, "EpochBatchSampler", RecordingSampler)
     monkeypatch.setattr(semodel.train.F, "cross_entropy", recording_cross_entropy)
     run_dir = fit(cfg, quiet=True, log=lambda _: None)
