@@ -8,18 +8,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers_train import one_torch_thread  # noqa: F401  (autouse: one torch thread)
 from torch import nn
 
 from semodel.models.attention import SqueezeExcite, hidden_width, make_attention
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_cpu_thread():
-    """Tiny tensors gain nothing from intra-op threads; on a busy 2-core runner they only wait."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def hand_excitation(x: torch.Tensor, se: SqueezeExcite, gate: str = "sigmoid") -> torch.Tensor:

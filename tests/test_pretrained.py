@@ -13,7 +13,11 @@ import pytest
 import torch
 import torchvision
 from helpers_ckpt import assert_one_line_error, make_folder, run_cli
-from helpers_train import tiny_config, write_config
+from helpers_train import (
+    one_torch_thread,  # noqa: F401  (autouse: one torch thread)
+    tiny_config,
+    write_config,
+)
 from torchvision.models import WeightsEnum
 
 from semodel.errors import SemodelError
@@ -23,15 +27,6 @@ REPORT = re.compile(
     r"^pretrained \((?P<source>.+)\): "
     r"(?P<loaded>\d+) tensors loaded, (?P<new>\d+) new, (?P<skipped>\d+) skipped"
 )
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_cpu_thread():
-    """Small models, small inputs: intra-op threads only contend on a busy 2-core runner."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def report_counts(text: str) -> tuple[str, int, int, int, str]:

@@ -16,6 +16,7 @@ import urllib.error
 import pytest
 import torch
 import torchvision
+from helpers_train import one_torch_thread  # noqa: F401  (autouse: one torch thread)
 from torchvision.models import WeightsEnum
 
 from semodel.errors import SemodelError
@@ -29,14 +30,6 @@ SAVE_COMMAND = (
     ".state_dict(), 'seresnet50.a1_in1k.pth')\""
 )
 COUNTS = re.compile(r"^(\d+) tensors loaded, (\d+) new, (\d+) skipped")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_cpu_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def randomized(model: torch.nn.Module, seed: int) -> torch.nn.Module:
