@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from semodel.cache import cached_loaders
+from semodel.cache import FREE_SHARE, available_ram, cached_loaders
 from semodel.cache import choose as choose_cache
 from semodel.data import Dataset, ImageList, Sample, collate_skip_bad, default_workers, eval_transform
 from semodel.distributed import World
@@ -87,6 +87,11 @@ def eval_loader(
     """Batches of ``samples`` prepared as the checkpoint's evaluation transform, in order; unreadable
     images are skipped (``options``: further DataLoader settings, e.g. ``loader_options``)."""
     options.setdefault("collate_fn", collate_skip_bad)
+    # Each iteration of a DataLoader draws its worker seed from the global random stream unless it
+    # has a generator of its own. Evaluation draws nothing else, so it must not move that stream:
+    # a resumed run, whose kept validation batches (KeptBatches) are read again once, would
+    # otherwise continue from other random numbers than the straight run.
+    options.setdefault("generator", torch.Generator())
     return DataLoader(
         ImageList(root, samples, eval_transform(preprocess)), batch_size, shuffle=False, **options
     )
@@ -133,7 +138,41 @@ def build_loaders(
         ImageList(data.root, train, train_transform(cfg)), batch_sampler=sampler, **options
     )
     val_loader = eval_loader(data.root, val_share, preprocess_of(cfg), cfg.data.batch_size * 2, **options)
-    return Loaders(train_loader, val_loader, sampler, options)
+    return Loaders(train_loader, KeptBatches(val_loader, int(FREE_SHARE * available_ram())), sampler, options)
+
+
+class KeptBatches:
+    """The validation batches, read and decoded in the first full pass and then kept in memory
+    (up to ``limit`` bytes, else read again every pass).
+
+    The eval transform draws nothing, so every pass yields the same tensors: keeping them changes
+    no result, and validation then costs the forward passes only, as in ``data.cache`` runs and in
+    a plain loop over pre-decoded tensors. A pass that stops early keeps nothing.
+    """
+
+    def __init__(self, loader: DataLoader, limit: int) -> None:
+        self.loader, self.limit = loader, limit
+        self.kept: list[Any] | None = None
+        self.too_large = False
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        if self.kept is not None:
+            yield from self.kept
+            return
+        kept, size = [], 0
+        for batch in self.loader:
+            if not self.too_large:
+                size += sum(t.numel() * t.element_size() for t in batch if isinstance(t, torch.Tensor))
+                if size > self.limit:
+                    self.too_large, kept = True, []
+                else:
+                    kept.append(batch)
+            yield batch
+        if not self.too_large:
+            self.kept = kept
 
 
 def make_mixer(cfg: Any, num_classes: int):

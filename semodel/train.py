@@ -58,7 +58,7 @@ from semodel.files import (
     run_name,
     write_json,
 )
-from semodel.loaders import Loaders, build_loaders, eval_loader, make_mixer
+from semodel.loaders import KeptBatches, Loaders, build_loaders, eval_loader, make_mixer
 from semodel.metrics import classification_metrics
 from semodel.models import (
     build_model,
@@ -804,9 +804,11 @@ def split_predictions(
     run: Run, split: str, preprocess: dict[str, Any]
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """The best weights (in ``run.model``) on a whole split: probabilities, targets, mean loss."""
-    loader = eval_loader(
-        run.data.root, run.data.split(split), preprocess, run.cfg.data.batch_size * 2, **run.loaders.loader_kw
-    )
+    if split == "val" and isinstance(run.loaders.val, KeptBatches) and not run.world.distributed:
+        loader = run.loaders.val  # every validation image, decoded once already (the same batches)
+    else:
+        samples, batch_size = run.data.split(split), run.cfg.data.batch_size * 2
+        loader = eval_loader(run.data.root, samples, preprocess, batch_size, **run.loaders.loader_kw)
     return predict_probs(run.model, loader, run.device, run.dtype, run.cfg.train.channels_last)
 
 

@@ -6,6 +6,8 @@ by ``scripts/bench_endtoend.py`` (docs/performance.md), not here.
 
 from __future__ import annotations
 
+import collections
+import csv
 import errno
 import inspect
 import io
@@ -25,11 +27,13 @@ from helpers_train import (
     write_config,
 )
 
+import semodel.data
 import semodel.train
 from semodel.checkpoint import best_state, load_checkpoint, load_resumable, save_checkpoint
 from semodel.config import load_config, validate
 from semodel.errors import SemodelError
 from semodel.files import BackgroundWriter
+from semodel.loaders import KeptBatches
 from semodel.models import build_model
 from semodel.optim import fast_kernels, make_optimizer, param_groups
 from semodel.timing import PARTS, Budget, timed
@@ -49,8 +53,17 @@ def run(tmp_path_factory):
     )
     config = write_config(base / "speed.yaml", raw)
     lines: list[str] = []
-    run_dir = semodel.train.fit(load_config(config, []), config, log=lines.append)
-    return {"run_dir": run_dir, "root": root, "log": lines, "base": base}
+    reads: list[str] = []  # every image the run decoded, in order
+    real_getitem = semodel.data.ImageList.__getitem__
+
+    def counting_getitem(self, index):
+        reads.append(self.items[index][0])
+        return real_getitem(self, index)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(semodel.data.ImageList, "__getitem__", counting_getitem)
+        run_dir = semodel.train.fit(load_config(config, []), config, log=lines.append)
+    return {"run_dir": run_dir, "root": root, "log": lines, "base": base, "reads": reads}
 
 
 # ----------------------------------------------------------------------------- the time budget
@@ -231,6 +244,45 @@ def test_ema_matches_averaged_model_and_syncs_nothing_per_step():
 
 
 # ----------------------------------------------------------------------------- the slim best.pt
+
+
+def test_validation_images_are_decoded_once_per_run(run):
+    """Two epochs of validation and the calibration pass read each validation image once; the
+    training images once per epoch; the test images once (the final test)."""
+    rows = list(csv.DictReader((run["run_dir"] / "split.csv").open()))
+    by_split = {split: [r["path"] for r in rows if r["split"] == split] for split in ("train", "val", "test")}
+    reads = collections.Counter(run["reads"])
+    assert {path: reads[path] for path in by_split["val"]} == dict.fromkeys(by_split["val"], 1)
+    assert {path: reads[path] for path in by_split["test"]} == dict.fromkeys(by_split["test"], 1)
+    assert {path: reads[path] for path in by_split["train"]} == dict.fromkeys(by_split["train"], 2)
+
+
+def test_kept_batches_are_the_loaders_read_once_and_only_whole_passes_within_the_limit():
+    class Loader:
+        def __init__(self):
+            self.passes = 0
+
+        def __len__(self):
+            return 3
+
+        def __iter__(self):
+            self.passes += 1
+            for i in range(3):
+                yield torch.full((2, 4), float(i)), torch.tensor([i, i])  # 48 bytes a batch
+
+    loader = Loader()
+    kept = KeptBatches(loader, limit=1000)
+    first = list(kept)
+    partial = KeptBatches(Loader(), limit=1000)
+    next(iter(partial))  # a pass that stops early keeps nothing
+    assert partial.kept is None
+    second = list(kept)
+    assert loader.passes == 1 and len(kept) == 3 and len(second) == 3
+    for a, b in zip(first, second, strict=True):
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    small = KeptBatches(Loader(), limit=100)  # the third batch passes the limit: read every pass
+    assert [int(b[1][0]) for b in small] == [0, 1, 2] == [int(b[1][0]) for b in small]
+    assert small.loader.passes == 2 and small.kept is None and small.too_large
 
 
 def test_best_pt_is_slim_and_holds_the_selected_weights(run):
