@@ -60,6 +60,19 @@ def _pretrained_option() -> typer.models.OptionInfo:
     )
 
 
+# Options of every command that runs a checkpoint (eval, inspect, predict, export).
+def _ema_option() -> typer.models.OptionInfo:
+    return typer.Option(
+        None,
+        "--ema/--no-ema",
+        help="EMA or raw weights (default: the ones the run selected: EMA with train.ema).",
+    )
+
+
+def _device_option() -> typer.models.OptionInfo:
+    return typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps.")
+
+
 def _version(value: bool) -> None:
     if value:
         typer.echo(f"semodel {__version__}")
@@ -365,15 +378,11 @@ def eval_cmd(
     calibrated: bool = typer.Option(
         False, "--calibrated", help="Apply the temperature the run fitted on its validation split."
     ),
-    ema: bool | None = typer.Option(
-        None,
-        "--ema/--no-ema",
-        help="EMA or raw weights (default: the ones the run selected: EMA with train.ema).",
-    ),
+    ema: bool | None = _ema_option(),
     tta: bool = typer.Option(
         False, "--tta", help="Average the prediction with the horizontally flipped image."
     ),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
+    device: str = _device_option(),
     batch_size: int = typer.Option(64, "--batch-size", "-b", help="Images per batch."),
     workers: int | None = typer.Option(None, "--workers", help="Data loader processes (default: by device)."),
 ) -> None:
@@ -402,12 +411,8 @@ def inspect_cmd(
     tensorboard: bool = typer.Option(
         False, "--tensorboard", help="Also write the figures to OUT/tensorboard."
     ),
-    ema: bool | None = typer.Option(
-        None,
-        "--ema/--no-ema",
-        help="EMA or raw weights (default: the ones the run selected: EMA with train.ema).",
-    ),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
+    ema: bool | None = _ema_option(),
+    device: str = _device_option(),
     batch_size: int = typer.Option(32, "--batch-size", "-b", help="Images per batch."),
     seed: int = typer.Option(0, "--seed", help="Which images are sampled."),
 ) -> None:
@@ -433,15 +438,11 @@ def predict_cmd(
     ),
     fmt: str = typer.Option("table", "--format", "-f", help="table, json or csv (one row per image)."),
     batch_size: int = typer.Option(32, "--batch-size", "-b", help="Images per batch."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
+    device: str = _device_option(),
     cam: Path | None = typer.Option(
         None, "--cam", help="Write a Grad-CAM overlay PNG per image (predicted class) to this folder."
     ),
-    ema: bool | None = typer.Option(
-        None,
-        "--ema/--no-ema",
-        help="EMA or raw weights (default: the ones the run selected: EMA with train.ema).",
-    ),
+    ema: bool | None = _ema_option(),
     threshold: str | None = typer.Option(
         None,
         "--threshold",
@@ -468,11 +469,7 @@ def export_cmd(
     output: Path | None = typer.Option(
         None, "--output", "-o", help="Output file (default: beside the checkpoint, .onnx / .torchscript.pt)."
     ),
-    ema: bool | None = typer.Option(
-        None,
-        "--ema/--no-ema",
-        help="EMA or raw weights (default: the ones the run selected: EMA with train.ema).",
-    ),
+    ema: bool | None = _ema_option(),
     atol: float = typer.Option(1e-4, "--atol", help="Largest allowed |exported - PyTorch| logit difference."),
     opset: int | None = typer.Option(None, "--opset", help="ONNX opset (default: the exporter's)."),
     calibrated: bool = typer.Option(
