@@ -38,6 +38,15 @@ def patient_folder(root: Path, patients: int = 6, per_patient: int = 2) -> Path:
     return root
 
 
+def semodel_in_a_process(*args: str) -> str:
+    """``python -m semodel ARGS`` as a user runs it (the report is written by the CLI); its stdout."""
+    result = subprocess.run(
+        [sys.executable, "-m", "semodel", *args], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     base = tmp_path_factory.mktemp("report")
@@ -51,14 +60,8 @@ def run(tmp_path_factory):
         log={"report": True},
     )
     config = write_config(base / "rep.yaml", raw)
-    result = subprocess.run(
-        [sys.executable, "-m", "semodel", "train", "--config", str(config), "--quiet"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr
-    return {"base": base, "root": root, "run_dir": base / "runs" / "rep", "stdout": result.stdout}
+    stdout = semodel_in_a_process("train", "--config", str(config), "--quiet")
+    return {"base": base, "root": root, "run_dir": base / "runs" / "rep", "stdout": stdout}
 
 
 def read_rows(path: Path) -> list[dict[str, str]]:
@@ -242,13 +245,7 @@ def cv(tmp_path_factory):
         log={"report": True},
     )
     config = write_config(base / "cv.yaml", raw)
-    result = subprocess.run(
-        [sys.executable, "-m", "semodel", "cv", "--config", str(config), "--quiet"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr
+    semodel_in_a_process("cv", "--config", str(config), "--quiet")
     return {"base": base, "root": root, "cv_dir": base / "runs" / "cv2"}
 
 
