@@ -24,7 +24,9 @@ includes decoding.
 Printed: both wall times and the ratio (reference / semodel: 1.0 = no overhead, 0.9 = semodel takes
 11% longer), semodel's own time budget (``metrics.json: time_budget``, where the semodel under test
 has one) and the same parts measured from outside by wrapping ``semodel.train``'s functions (works
-on any version: ``--semodel DIR`` imports semodel from DIR, e.g. a copy of an older tree).
+on any version: ``--semodel DIR`` imports semodel from DIR, e.g. a copy of an older tree). Last,
+each epoch's validation time against ``semodel eval best.pt --split val`` on the same images in a
+fresh process (its scoring: decoding, forward passes, metrics; its imports and start apart).
 
 ``--limit N`` trains on a subset: whole patients (``data.split.group_by``), in a seeded order,
 until N images, linked (symlinks, never copies) into ``--workdir`` (default ``.bench/endtoend``,
@@ -92,6 +94,7 @@ class OutsideClock:
         self.parts = dict.fromkeys(PARTS, 0.0)
         self.t_fit = 0.0
         self.first_epoch: float | None = None
+        self.validations: list[float] = []  # seconds of each epoch's validation
         self.saved: list[tuple[Any, str, Any]] = []
 
     def timed(self, fn: Callable, part: str) -> Callable:
@@ -101,6 +104,17 @@ class OutsideClock:
                 return fn(*args, **kwargs)
             finally:
                 self.parts[part] += time.perf_counter() - t0
+
+        return wrapper
+
+    def timed_validation(self, fn: Callable) -> Callable:
+        def wrapper(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.validations.append(time.perf_counter() - t0)
+                self.parts["validation"] += self.validations[-1]
 
         return wrapper
 
@@ -146,7 +160,7 @@ class OutsideClock:
         hooks = {
             "setup_run": setup,
             "train_one_epoch": one_epoch,
-            "validate": self.timed(train.validate, "validation"),
+            "validate": self.timed_validation(train.validate),
             "save_state": self.timed(train.save_state, "checkpoint"),
             "record_epoch": self.timed(train.record_epoch, "logging"),
             "log_epoch": self.timed(train.log_epoch, "logging"),
@@ -190,7 +204,23 @@ def semodel_run(cfg) -> dict[str, Any]:
         "outside": clock.report(wall),
         "test_acc": (metrics.get("test") or {}).get("acc"),
         "checkpoint_bytes": sizes,
+        "validations": [round(v, 3) for v in clock.validations],
     }
+
+
+def eval_run(run_dir: Path) -> dict[str, Any]:
+    """``semodel eval best.pt --split val`` in this fresh process (no intervals): the time it takes
+    to load the checkpoint and score the validation images (decoding, forward passes, metrics),
+    after its imports."""
+    import torchmetrics  # noqa: F401  (imports apart: validation pays them in fit's process once)
+    from torchvision.transforms import v2  # noqa: F401
+
+    from semodel.evaluate import EvalOptions, evaluate_checkpoint
+
+    t0 = time.perf_counter()
+    options = EvalOptions(split="val", resamples=0)
+    result = evaluate_checkpoint(run_dir / "best.pt", options=options, log=lambda line: None)
+    return {"eval_s": time.perf_counter() - t0, "images": int(result.targets.numel())}
 
 
 # ----------------------------------------------------------------------------- the reference loop
@@ -417,7 +447,7 @@ def parse(argv: list[str] | None):
     p.add_argument("--semodel", type=Path, default=None, help="import semodel from this folder")
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--parts", action="store_true", help="time the optimizer step, EMA update and state copy")
-    p.add_argument("--child", choices=["semodel", "reference"], help=argparse.SUPPRESS)
+    p.add_argument("--child", choices=["semodel", "reference", "eval"], help=argparse.SUPPRESS)
     p.add_argument("--split-csv", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -451,7 +481,9 @@ def child(args) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg, _ = config_of(args)
-    if args.child == "semodel":
+    if args.child == "eval":  # --split-csv: the run's split.csv, in the run folder
+        result = eval_run(args.split_csv.parent)
+    elif args.child == "semodel":
         result = semodel_run(cfg)
     else:
         result = reference_run(cfg, args.split_csv, torch.device(args.device))
@@ -510,6 +542,9 @@ def main(argv: list[str] | None = None) -> int:
             if who in row:
                 print(f"round {r + 1}: {who} {row[who]['process_wall']:.1f}s", flush=True)
         rounds.append(row)
+    # semodel eval on the validation images of the last run, in a fresh process of its own.
+    last_run = Path(rounds[-1]["semodel"]["run_dir"])
+    rounds[-1]["eval"] = timed_child(argv, "eval", args.workdir / "eval.json", last_run / "split.csv")
     report(args, rounds, data)
     return 0
 
@@ -543,6 +578,13 @@ def report(args, rounds: list[dict[str, Any]], data: Path) -> None:
         print(f"  {share_line(budget, budget['wall'])}")
     outside = last["outside"]
     print(f"semodel parts timed from outside: {share_line(outside, outside['wall'])}")
+    validations, scored = last["validations"], rounds[-1]["eval"]
+    print(
+        "validation per epoch: "
+        + ", ".join(f"{v:.2f}s" for v in validations)
+        + f"; semodel eval on the same {scored['images']} images (after its imports): {scored['eval_s']:.2f}s"
+        + f"; later epochs / eval: {statistics.median(validations[1:] or validations) / scored['eval_s']:.2f}"
+    )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         record = {"args": vars(args) | {"data": str(data)}, "rounds": rounds}

@@ -62,12 +62,14 @@ class Budget:
 
     @contextmanager
     def part(self, name: str) -> Iterator[None]:
-        """Count the block's time to ``name`` (once per epoch or so: a generator per call)."""
-        t0 = time.perf_counter()
+        """Count the block's time to ``name``, less what parts inside it counted (the final test
+        waits for the last checkpoint write: that wait is ``checkpoint``'s). Once per epoch or so:
+        a generator per call."""
+        since = self.mark()
         try:
             yield
         finally:
-            self.seconds[name] += time.perf_counter() - t0
+            self.rest_to(name, since)
 
     def wall(self) -> float:
         return time.perf_counter() - self.origin

@@ -117,6 +117,14 @@ class Start:
 
 
 @dataclass
+class Predictions:
+    """Softmax probabilities (N x C) and targets (N) of every image of a split, once each."""
+
+    probs: torch.Tensor
+    targets: torch.Tensor
+
+
+@dataclass
 class EpochResult:
     epoch: int
     train: dict[str, float]  # loss, acc, images_per_s
@@ -124,6 +132,7 @@ class EpochResult:
     started: float  # time.time() at the epoch's start
     train_time: float
     improved: bool = False
+    predictions: Predictions | None = None  # the validation split's, behind ``val``
 
 
 @dataclass
@@ -163,6 +172,10 @@ class Run:
     history: list[dict[str, Any]] = field(default_factory=list)
     budget: Budget = field(default_factory=Budget)  # where the wall time goes (semodel.timing)
     checkpoints: BackgroundWriter = field(default_factory=BackgroundWriter)  # last.pt / best.pt writes
+    # The best epoch's validation predictions, when that epoch ran in this process: the calibration
+    # at the end fits on them instead of scoring the validation split once more.
+    best_predictions: Predictions | None = None
+    best_snapshot: dict[str, Any] | None = None  # best.pt's content as last written (this process)
 
     # What the checkpoint format reads (semodel.checkpoint.TrainingRun).
     @cached_property
@@ -476,7 +489,8 @@ def open_run_folder(run: Run, start: Start) -> None:
 
 def train_epochs(run: Run) -> None:
     """Train epoch after epoch until ``train.epochs``, early stopping, or Ctrl-C. Checkpoints are
-    written in the background; the last write is waited for before this returns or raises."""
+    written in the background; on an error the write in flight is waited for before it is raised,
+    and a finished run's last write goes on while ``finish_run`` tests the best weights."""
     run.budget.fill("startup")
     try:
         with Interrupt("finishing the current step, then saving last.pt") as interrupt:
@@ -493,7 +507,7 @@ def train_epochs(run: Run) -> None:
                     raise Interrupted()
                 result = EpochResult(epoch, train_stats, {}, started, time.time() - started)
                 with run.budget.part("validation"):
-                    result.val = validate(run, epoch)
+                    result.val, result.predictions = validate(run, epoch)
                 with run.budget.part("logging"):
                     record_epoch(run, result)
                 # best.pt first: a crash between the two writes leaves last.pt one epoch behind, and
@@ -504,8 +518,9 @@ def train_epochs(run: Run) -> None:
                     log_epoch(run, result)
                 if early_stop(run):
                     break
-    finally:
-        wait_for_checkpoints(run)  # also when the run fails: the files are complete before it ends
+    except BaseException:
+        wait_for_checkpoints(run)  # the files are complete before a failed run ends
+        raise
 
 
 def train_one_epoch(run: Run, epoch: int, interrupt: Interrupt) -> dict[str, float]:
@@ -647,8 +662,9 @@ def optimizer_step(run: Run) -> None:
         run.budget.add("ema", time.perf_counter() - t0)
 
 
-def validate(run: Run, epoch: int) -> dict[str, Any]:
-    """Metrics of the selected weights on the whole validation split (every rank scores its share)."""
+def validate(run: Run, epoch: int) -> tuple[dict[str, Any], Predictions]:
+    """Metrics of the selected weights on the whole validation split (every rank scores its share),
+    and the predictions they come from."""
     distributed.broadcast_buffers(run.model, run.world)
     if run.ema is not None:
         distributed.broadcast_buffers(run.ema.module, run.world)
@@ -664,7 +680,7 @@ def validate(run: Run, epoch: int) -> dict[str, Any]:
         raise SemodelError(diverged(f"validation loss became {loss} after epoch {epoch}", run.progress))
     metrics = classification_metrics(probs, targets, run.data.classes)
     metrics["loss"] = loss
-    return metrics
+    return metrics, Predictions(probs, targets)
 
 
 def record_epoch(run: Run, result: EpochResult) -> None:
@@ -678,6 +694,7 @@ def record_epoch(run: Run, result: EpochResult) -> None:
     p.epoch, p.step_in_epoch = result.epoch, 0
     if result.improved:
         p.best_value, p.best_epoch, p.stale_epochs = value, result.epoch, 0
+        run.best_predictions = result.predictions
     else:
         p.stale_epochs += 1
     # The learning rate and the epoch's time (training + validation) go into the history, for
@@ -704,6 +721,7 @@ def save_state(run: Run, metrics: dict[str, Any] | None, names: list[str]) -> No
     with run.budget.part("checkpoint"):
         state = cpu_copy(training_state(run, metrics, rngs))
         files = [(run.run_dir / name, best_state(state) if name == "best.pt" else state) for name in names]
+        run.best_snapshot = next((s for path, s in files if path.name == "best.pt"), run.best_snapshot)
         run.checkpoints.submit(lambda: write_checkpoints(files))
 
 
@@ -764,14 +782,19 @@ def finish_run(run: Run) -> None:
         "semodel_version": __version__,
         "history": run.history,
     }
-    best = load_checkpoint(run.run_dir / "best.pt")
-    result["val"] = best["metrics"]
-    run.model.load_state_dict(best["ema"] if run.ema is not None else best["model"])
-    result.update(prune_learned_widths(run))
-    result["calibration"] = calibrate_best(run, best)
-    result["data"] = {"root": str(run.data.root), "skipped": [list(f) for f in run.data.bad_files]}
-    if run.data.split("test"):
-        result.update(test_best(run, best))
+    try:
+        best = best_weights(run)
+        result["val"] = best["metrics"]
+        run.model.load_state_dict(best["ema"] if run.ema is not None else best["model"])
+        pruned = prune_learned_widths(run)
+        result.update(pruned)
+        result["calibration"] = calibrate_best(run, best, pruned=bool(pruned))
+        result["data"] = {"root": str(run.data.root), "skipped": [list(f) for f in run.data.bad_files]}
+        if run.data.split("test"):
+            result.update(test_best(run, best))
+    finally:
+        wait_for_checkpoints(run)  # the last epoch's files, written meanwhile
+    save_checkpoint(best, run.run_dir / "best.pt")  # now with the calibration
     write_json(run.run_dir / "metrics.json", result)
     final = {
         f"hparam/{k}": v for k, v in (result.get("test") or result["val"]).items() if isinstance(v, float)
@@ -781,6 +804,15 @@ def finish_run(run: Run) -> None:
         f"done in {result['wall_time_s']:.0f}s: {run.run_dir}  (best {run.monitor} {p.best_value:.4f} "
         f"at epoch {p.best_epoch}; checkpoints best.pt, last.pt)"
     )
+
+
+def best_weights(run: Run) -> dict[str, Any]:
+    """best.pt's content: as this process last wrote it, or (its best epoch ran before a resume)
+    read from the file."""
+    if run.best_snapshot is not None:
+        return dict(run.best_snapshot)
+    wait_for_checkpoints(run)
+    return load_checkpoint(run.run_dir / "best.pt")
 
 
 def prune_learned_widths(run: Run) -> dict[str, Any]:
@@ -812,12 +844,20 @@ def split_predictions(
     return predict_probs(run.model, loader, run.device, run.dtype, run.cfg.train.channels_last)
 
 
-def calibrate_best(run: Run, best: dict[str, Any]) -> dict[str, Any]:
-    """Fit the temperature and (two classes) the operating threshold on the validation split, and
-    store them in best.pt, where eval, predict and export find them."""
-    probs, targets, _ = split_predictions(run, "val", best["preprocess"])
+def calibrate_best(run: Run, best: dict[str, Any], pruned: bool) -> dict[str, Any]:
+    """Fit the temperature and (two classes) the operating threshold on the validation split, into
+    ``best`` (finish_run writes it to best.pt, where eval, predict and export find them).
+
+    The best epoch's validation predictions are the best weights' on the validation split, so they
+    are used as they are; the split is scored again only when that epoch ran before a resume, or
+    when closed SE units were ``pruned`` from the weights since.
+    """
+    kept = run.best_predictions
+    if kept is None or pruned:
+        probs, targets, _ = split_predictions(run, "val", best["preprocess"])
+    else:
+        probs, targets = kept.probs, kept.targets
     best["calibration"] = fit_calibration(probs, targets, run.cfg.train.target_sensitivity)
-    save_checkpoint(best, run.run_dir / "best.pt")
     cal = best["calibration"]
     threshold = (
         f"; threshold {cal['threshold']:.4f} ({cal['threshold_rule']})"

@@ -54,16 +54,24 @@ def run(tmp_path_factory):
     config = write_config(base / "speed.yaml", raw)
     lines: list[str] = []
     reads: list[str] = []  # every image the run decoded, in order
+    scored: list[int] = []  # the images of each evaluation pass (validation, calibration, test)
     real_getitem = semodel.data.ImageList.__getitem__
+    real_predict = semodel.train.predict_probs
 
     def counting_getitem(self, index):
         reads.append(self.items[index][0])
         return real_getitem(self, index)
 
+    def counting_predict(*args, **kwargs):
+        probs, targets, loss = real_predict(*args, **kwargs)
+        scored.append(len(targets))
+        return probs, targets, loss
+
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(semodel.data.ImageList, "__getitem__", counting_getitem)
+        mp.setattr(semodel.train, "predict_probs", counting_predict)
         run_dir = semodel.train.fit(load_config(config, []), config, log=lines.append)
-    return {"run_dir": run_dir, "root": root, "log": lines, "base": base, "reads": reads}
+    return {"run_dir": run_dir, "root": root, "log": lines, "base": base, "reads": reads, "scored": scored}
 
 
 # ----------------------------------------------------------------------------- the time budget
@@ -85,6 +93,11 @@ def test_time_budget_parts_add_up_to_the_wall_time_and_are_in_metrics_json(run):
 
 def test_budget_counts_blocks_remainders_and_loader_waits():
     budget = Budget()
+    with budget.part("final_test"):
+        with budget.part("checkpoint"):  # a part inside a part: counted once, to the inner one
+            budget.add("checkpoint", 5.0)
+    assert budget.seconds["checkpoint"] >= 5.0 and budget.seconds["final_test"] < 1.0
+    budget.seconds["checkpoint"] -= 5.0
     with budget.part("validation"):
         pass
     since = budget.mark()
@@ -255,6 +268,32 @@ def test_validation_images_are_decoded_once_per_run(run):
     assert {path: reads[path] for path in by_split["val"]} == dict.fromkeys(by_split["val"], 1)
     assert {path: reads[path] for path in by_split["test"]} == dict.fromkeys(by_split["test"], 1)
     assert {path: reads[path] for path in by_split["train"]} == dict.fromkeys(by_split["train"], 2)
+
+
+def test_calibration_reuses_the_best_epochs_validation_predictions(run):
+    """Two validation passes and the test pass, no third validation pass for the calibration; and
+    what it fitted on is what best.pt's weights give on the validation split scored afresh."""
+    from semodel.analysis import fit_calibration
+    from semodel.loaders import eval_loader
+    from semodel.runtime import predict_probs
+
+    rows = list(csv.DictReader((run["run_dir"] / "split.csv").open()))
+    n_val, n_test = (sum(r["split"] == split for r in rows) for split in ("val", "test"))
+    assert run["scored"] == [n_val, n_val, n_test]
+    best = load_ckpt(run["run_dir"] / "best.pt")
+    model = build_model(best["config"]["model"]["name"], len(best["classes"]), stem="cifar")
+    model.load_state_dict(best["ema"])
+    model = model.to(memory_format=torch.channels_last)
+    samples = [
+        semodel.data.Sample(r["path"], best["classes"].index(r["class"])) for r in rows if r["split"] == "val"
+    ]
+    loader = eval_loader(run["root"], samples, best["preprocess"], 64)  # the run's validation batches
+    probs, targets, _ = predict_probs(model, loader, torch.device("cpu"), None, True)
+    assert targets.tolist() == [s.label for s in samples]
+    fresh = fit_calibration(probs, targets, None)
+    assert best["calibration"] == fresh
+    metrics = json.loads((run["run_dir"] / "metrics.json").read_text())
+    assert metrics["calibration"] == fresh
 
 
 def test_kept_batches_are_the_loaders_read_once_and_only_whole_passes_within_the_limit():
