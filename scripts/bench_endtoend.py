@@ -43,6 +43,7 @@ import json
 import math
 import re
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -492,8 +493,6 @@ def child(args) -> None:
 
 
 def timed_child(argv: list[str], who: str, out: Path, split_csv: Path | None = None) -> dict[str, Any]:
-    import subprocess
-
     command = [sys.executable, str(Path(__file__).resolve()), *argv, "--child", who, "--out", str(out)]
     if split_csv is not None:
         command += ["--split-csv", str(split_csv)]
@@ -544,7 +543,10 @@ def main(argv: list[str] | None = None) -> int:
         rounds.append(row)
     # semodel eval on the validation images of the last run, in a fresh process of its own.
     last_run = Path(rounds[-1]["semodel"]["run_dir"])
-    rounds[-1]["eval"] = timed_child(argv, "eval", args.workdir / "eval.json", last_run / "split.csv")
+    try:
+        rounds[-1]["eval"] = timed_child(argv, "eval", args.workdir / "eval.json", last_run / "split.csv")
+    except subprocess.CalledProcessError:  # a semodel without semodel.evaluate's API (--semodel)
+        rounds[-1]["eval"] = None
     report(args, rounds, data)
     return 0
 
@@ -579,12 +581,19 @@ def report(args, rounds: list[dict[str, Any]], data: Path) -> None:
     outside = last["outside"]
     print(f"semodel parts timed from outside: {share_line(outside, outside['wall'])}")
     validations, scored = last["validations"], rounds[-1]["eval"]
+    if scored is None:
+        print("validation per epoch: " + ", ".join(f"{v:.2f}s" for v in validations) + "; eval: failed")
+        return _write_json(args, rounds, data)
     print(
         "validation per epoch: "
         + ", ".join(f"{v:.2f}s" for v in validations)
         + f"; semodel eval on the same {scored['images']} images (after its imports): {scored['eval_s']:.2f}s"
         + f"; later epochs / eval: {statistics.median(validations[1:] or validations) / scored['eval_s']:.2f}"
     )
+    _write_json(args, rounds, data)
+
+
+def _write_json(args, rounds: list[dict[str, Any]], data: Path) -> None:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         record = {"args": vars(args) | {"data": str(data)}, "rounds": rounds}
