@@ -33,7 +33,8 @@ until N images, linked (symlinks, never copies) into ``--workdir`` (default ``.b
 git-ignored). ``--rounds R`` repeats both runs, the order alternating, and reports medians.
 ``--threads`` sets torch's intra-op threads for both (default: torch's). ``--json`` writes
 every figure. ``--parts`` (DATA is then not read) times the pieces alone: an optimizer step per
-kernel, an EMA update, the CPU copy a checkpoint write starts from.
+kernel, an EMA update, the CPU copy a checkpoint write starts from. ``--step-ab`` times semodel's
+training step in one process on batches read ahead against batches fed by the loader.
 """
 
 from __future__ import annotations
@@ -418,6 +419,51 @@ def parts_timing(threads: int | None) -> None:
     )
 
 
+def step_ab(args, rounds: int = 8) -> None:
+    """``--step-ab``: is semodel's training step slower when the loader decodes between steps?
+    In one process (one machine state), alternately 10 steps on batches read ahead and 6 steps fed
+    by the training loader, ``rounds`` times; the median step time (ms) of each, the loader's
+    time apart. Differences between whole runs' steps are then the machine's, not the pipeline's."""
+    import itertools
+
+    import torch
+
+    import semodel.train as train
+    from semodel.distributed import World
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg, _ = config_of(args)
+    run = train.setup_run(cfg, World(), train.Start(None, None, None, lambda line: None, True))
+    run.resumed = True  # (a new run logs sample images from its first step)
+    run.train_model.train()
+
+    def step_ms(batches, n: int) -> float:
+        spent, it = 0.0, iter(batches)
+        for _ in range(n):
+            images, labels = next(it)
+            t0 = time.perf_counter()
+            train.forward_backward(run, 2, images, labels, True)
+            train.optimizer_step(run)
+            spent += time.perf_counter() - t0
+        return spent / n * 1000
+
+    run.loaders.sampler.set_epoch(1)
+    ahead = list(itertools.islice(iter(run.loaders.train), 10))
+    step_ms(ahead, 5)  # warm-up
+    run.loaders.sampler.set_epoch(2)
+    fed = iter(run.loaders.train)
+    a, b = [], []
+    for _ in range(rounds):
+        a.append(step_ms(ahead, 10))
+        b.append(step_ms(fed, 6))
+    ahead_ms, fed_ms = statistics.median(a), statistics.median(b)
+    print(
+        f"training step, median of {rounds}: batches read ahead {ahead_ms:.1f} ms, "
+        f"fed by the loader {fed_ms:.1f} ms (ratio {fed_ms / ahead_ms:.3f})"
+    )
+
+
 def _tensors(obj: Any):
     import torch
 
@@ -448,6 +494,7 @@ def parse(argv: list[str] | None):
     p.add_argument("--semodel", type=Path, default=None, help="import semodel from this folder")
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--parts", action="store_true", help="time the optimizer step, EMA update and state copy")
+    p.add_argument("--step-ab", action="store_true", help="the step on batches read ahead vs from the loader")
     p.add_argument("--child", choices=["semodel", "reference", "eval"], help=argparse.SUPPRESS)
     p.add_argument("--split-csv", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--out", type=Path, help=argparse.SUPPRESS)
@@ -512,6 +559,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.parts:
         parts_timing(args.threads)
+        return 0
+    if args.step_ab:
+        step_ab(args)
         return 0
     import torch
 
