@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -386,3 +387,38 @@ def test_resume_from_a_slim_best_pt_is_refused(run, tmp_path, capsys):
     code, _, err = run_cli(["train", "--resume", alone / "best.pt"], capsys)
     assert_one_line_error(code, err, "holds no training state")
     assert "model.pretrained" in err
+
+
+# ----------------------------------------------------------------------------- the end-to-end benchmark
+
+
+def test_bench_endtoend_times_semodel_the_reference_and_eval(tmp_path, capsys):
+    """scripts/bench_endtoend.py on a tiny folder: each side in its own process, the ratio, the
+    time budget, each epoch's validation and eval on the same images (the figures themselves are
+    docs/performance.md's; here only that the harness runs and its parts add up)."""
+    import importlib.util
+    import sys
+
+    root = make_folder(tmp_path / "data", per_class=8)
+    config = write_config(
+        tmp_path / "bench.yaml",
+        tiny_config(root, tmp_path / "runs", "bench", data={"split": {"val": 0.25, "test": 0.25, "seed": 0}}),
+    )
+    path = os.path.join(os.path.dirname(__file__), "..", "scripts", "bench_endtoend.py")
+    spec = importlib.util.spec_from_file_location("bench_endtoend", path)
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules["bench_endtoend"] = bench
+    spec.loader.exec_module(bench)
+    out = tmp_path / "e2e.json"
+    argv = [str(root), "--config", str(config), "--image-size", "16", "--epochs", "2", "--threads", "1"]
+    assert bench.main([*argv, "--workdir", str(tmp_path / "work"), "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "ratio reference / semodel: " in printed and "validation per epoch: " in printed
+    (row,) = json.loads(out.read_text())["rounds"]
+    semodel_side, reference, scored = row["semodel"], row["reference"], row["eval"]
+    budget = semodel_side["budget"]
+    assert sum(budget[p] for p in PARTS) + budget["other"] == pytest.approx(budget["wall"], abs=0.01)
+    assert len(semodel_side["validations"]) == 2 and all(v > 0 for v in semodel_side["validations"])
+    assert reference["wall"] > 0 and set(reference["parts"]) >= {"train_step", "validation", "final_test"}
+    rows = list(csv.DictReader((Path(semodel_side["run_dir"]) / "split.csv").open()))
+    assert scored["images"] == sum(r["split"] == "val" for r in rows) > 0
