@@ -30,7 +30,13 @@ from helpers_train import (
 
 import semodel.data
 import semodel.train
-from semodel.checkpoint import best_state, load_checkpoint, load_resumable, save_checkpoint
+from semodel.checkpoint import (
+    best_state,
+    build_from_checkpoint,
+    load_checkpoint,
+    load_resumable,
+    save_checkpoint,
+)
 from semodel.config import load_config, validate
 from semodel.errors import SemodelError
 from semodel.files import BackgroundWriter
@@ -282,12 +288,9 @@ def test_calibration_reuses_the_best_epochs_validation_predictions(run):
     n_val, n_test = (sum(r["split"] == split for r in rows) for split in ("val", "test"))
     assert run["scored"] == [n_val, n_val, n_test]
     best = load_ckpt(run["run_dir"] / "best.pt")
-    model = build_model(best["config"]["model"]["name"], len(best["classes"]), stem="cifar")
-    model.load_state_dict(best["ema"])
-    model = model.to(memory_format=torch.channels_last)
-    samples = [
-        semodel.data.Sample(r["path"], best["classes"].index(r["class"])) for r in rows if r["split"] == "val"
-    ]
+    model = build_from_checkpoint(best).to(memory_format=torch.channels_last)  # as train.channels_last
+    split = semodel.data.read_split_csv(run["run_dir"] / "split.csv", best["classes"])
+    samples = [s for s in split if s.split == "val"]
     loader = eval_loader(run["root"], samples, best["preprocess"], 64)  # the run's validation batches
     probs, targets, _ = predict_probs(model, loader, torch.device("cpu"), None, True)
     assert targets.tolist() == [s.label for s in samples]
