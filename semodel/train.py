@@ -720,8 +720,9 @@ def save_state(run: Run, metrics: dict[str, Any] | None, names: list[str]) -> No
     wait_for_checkpoints(run)
     with run.budget.part("checkpoint"):
         state = cpu_copy(training_state(run, metrics, rngs))
-        files = [(run.run_dir / name, best_state(state) if name == "best.pt" else state) for name in names]
-        run.best_snapshot = next((s for path, s in files if path.name == "best.pt"), run.best_snapshot)
+        if "best.pt" in names:
+            run.best_snapshot = best_state(state)
+        files = [(run.run_dir / name, run.best_snapshot if name == "best.pt" else state) for name in names]
         run.checkpoints.submit(lambda: write_checkpoints(files))
 
 
