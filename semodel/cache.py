@@ -1,12 +1,15 @@
 """``data.cache``: decode every image once, keep it as uint8 in RAM or on the GPU, and augment whole
 batches on the training device instead of one image at a time in data loader workers.
 
-- Training images are kept as ``R x R`` squares, R = the eval resize (``image_size / crop_ratio``):
-  shorter side resized to R (antialiased, as the eval transform does), centre crop. Each batch
-  gets a random resized crop (area fraction in ``augment.scale``, aspect ratio 3/4..4/3), the
-  flips of ``augment.hflip`` / ``augment.vflip``, all in one ``affine_grid`` + ``grid_sample``
-  per batch, then the normalisation. The crop is taken from the centred square, so the borders of
-  non-square images are not seen (for square photos, such as MSLD's, nothing is lost).
+- Training images are kept whole, resized (antialiased) to an ``R x R`` square, R = the eval
+  resize (``image_size / crop_ratio``), with each image's aspect ratio (width / height) beside
+  it. Each batch gets a random resized crop drawn in the image's own pixel proportions (area
+  fraction in ``augment.scale``, aspect ratio 3/4..4/3, as the uncached path draws it), the flips
+  of ``augment.hflip`` / ``augment.vflip``, all in one ``affine_grid`` + ``grid_sample`` per
+  batch, then the normalisation. Squashing to a square changes where a pixel is stored, not what
+  a crop shows: a crop's fractions of the width and height are the same in the squashed image,
+  so the borders of non-square photos are seen as in the uncached path; the longer side is
+  stored at R pixels rather than at its full length.
 - Validation images are kept exactly as the eval transform makes them (resize, centre crop,
   uint8); only the normalisation happens per batch, so validation metrics equal the uncached ones.
 - Per-image augmentations (``auto_augment``, ``color_jitter``, ``random_erasing``) are not done
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -27,6 +31,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from semodel.data import Sample, load_rgb
 from semodel.errors import SemodelError, first_line
@@ -103,40 +108,65 @@ def choose(cfg: Any, device: torch.device, n_train: int, n_val: int) -> tuple[st
 # ----------------------------------------------------------------------------- decoding
 
 
-def decode(path: Path, resize: int, crop: int) -> torch.Tensor:
-    """uint8 3 x crop x crop: shorter side resized to ``resize`` (antialiased), centre crop."""
+def decode(path: Path, resize: int, crop: int) -> tuple[torch.Tensor, float]:
+    """uint8 3 x crop x crop as the eval transform makes it: shorter side resized to ``resize``
+    (antialiased), centre crop. The aspect ratio of the result (1) comes with it."""
     from torchvision.transforms.v2 import functional as TF
 
     image = TF.pil_to_tensor(load_rgb(path))
     image = TF.resize(image, [resize], antialias=True)
-    return TF.center_crop(image, [crop, crop]).contiguous()
+    return TF.center_crop(image, [crop, crop]).contiguous(), 1.0
+
+
+def decode_whole(path: Path, side: int) -> tuple[torch.Tensor, float]:
+    """uint8 3 x side x side: the whole image resized (antialiased) to a square, and its aspect
+    ratio (width / height), which the crops are drawn in."""
+    from torchvision.transforms.v2 import functional as TF
+
+    image = TF.pil_to_tensor(load_rgb(path))
+    height, width = image.shape[-2:]
+    return TF.resize(image, [side, side], antialias=True).contiguous(), width / height
+
+
+@dataclass
+class Decoded:
+    """One split decoded: uint8 N x 3 x S x S images and their labels, each image's aspect ratio
+    (width / height: the crops are drawn in it) and whether it could be read."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    aspects: torch.Tensor
+    readable: torch.Tensor
 
 
 def decode_all(
     root: Path,
     samples: Sequence[Sample],
-    resize: int,
-    crop: int,
+    side: int,
+    decoder: Callable[[Path], tuple[torch.Tensor, float]],
     device: torch.device,
     threads: int | None = None,
-) -> torch.Tensor:
-    """Every sample decoded into one N x 3 x crop x crop uint8 tensor on ``device``."""
-    out = torch.empty((len(samples), 3, crop, crop), dtype=torch.uint8, device=device)
+) -> Decoded:
+    """Every sample decoded by ``decoder`` into one tensor on ``device``. An unreadable image (gone
+    or damaged since the scan) is skipped with a warning, as the uncached loaders skip it."""
+    out = torch.zeros((len(samples), 3, side, side), dtype=torch.uint8, device=device)
+    aspects = torch.ones(len(samples))
+    readable = torch.ones(len(samples), dtype=torch.bool)
     threads = threads or min(8, os.cpu_count() or 1)
 
     def one(i: int) -> None:
+        path = Path(root) / samples[i].path
         try:
-            out[i] = decode(Path(root) / samples[i].path, resize, crop).to(device)
-        except (OSError, SyntaxError, ValueError) as e:
-            reason = first_line(e, 100)
-            raise SemodelError(
-                f"data.cache: cannot decode {Path(root) / samples[i].path} ({reason}); "
-                "it was readable when the data were checked: was it changed?"
-            ) from None
+            image, aspects[i] = decoder(path)
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+            print(f"warning: skipping {path}: {first_line(e, 100)}", file=sys.stderr)
+            readable[i] = False
+            return
+        out[i] = image.to(device)
 
     with ThreadPoolExecutor(threads) as pool:  # PIL decodes and resizes without holding the GIL
         list(pool.map(one, range(len(samples))))
-    return out
+    return Decoded(out, torch.tensor([s.label for s in samples], dtype=torch.long), aspects, readable)
 
 
 # ----------------------------------------------------------------------------- batched augmentation
@@ -147,21 +177,33 @@ def crop_boxes(
     scale: tuple[float, float],
     ratio: tuple[float, float] = (3 / 4, 4 / 3),
     generator: torch.Generator | None = None,
+    aspects: torch.Tensor | None = None,
+    tries: int = 10,
 ) -> torch.Tensor:
-    """n random crops as (width, height, centre x, centre y) in fractions of the square's side.
+    """n random crops as (width, height, centre x, centre y) in fractions of each image's width and
+    height; ``aspects``: the images' width / height (default 1, squares).
 
-    Area fraction uniform in ``scale``, aspect ratio log-uniform in ``ratio`` (as a random
-    resized crop draws them); a side longer than the image is cut to the image, and the centre is
-    uniform over the positions where the crop fits.
+    Drawn as the uncached path's random resized crop draws them: up to ``tries`` draws of an area
+    fraction (uniform in ``scale``) and an aspect ratio in pixels (log-uniform in ``ratio``) until
+    the crop fits in the image, the centre then uniform over the positions where it fits; when no
+    draw fits, the whole image cut to the nearest aspect ratio in ``ratio``, centred.
     """
-    u = torch.rand(n, 4, generator=generator)
-    area = scale[0] + (scale[1] - scale[0]) * u[:, 0]
+    u = torch.rand(n, tries + 1, 2, generator=generator)  # the last pair places the crop
+    image_aspect = (torch.ones(n) if aspects is None else aspects.float())[:, None]
+    area = scale[0] + (scale[1] - scale[0]) * u[:, :tries, 0]
     log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
-    aspect = torch.exp(log_lo + (log_hi - log_lo) * u[:, 1])
-    w = torch.sqrt(area * aspect).clamp(max=1.0)
-    h = torch.sqrt(area / aspect).clamp(max=1.0)
-    cx = w / 2 + (1 - w) * u[:, 2]
-    cy = h / 2 + (1 - h) * u[:, 3]
+    aspect = torch.exp(log_lo + (log_hi - log_lo) * u[:, :tries, 1])
+    w = torch.sqrt(area * aspect / image_aspect)
+    h = torch.sqrt(area * image_aspect / aspect)
+    fits = (w <= 1) & (h <= 1)
+    first = fits.int().argmax(dim=1, keepdim=True)  # the first draw that fits (0 when none does)
+    found = fits.any(dim=1)
+    whole_w = (ratio[1] / image_aspect[:, 0]).clamp(max=1.0)
+    whole_h = (image_aspect[:, 0] / ratio[0]).clamp(max=1.0)
+    w = torch.where(found, w.gather(1, first)[:, 0], whole_w)
+    h = torch.where(found, h.gather(1, first)[:, 0], whole_h)
+    cx = w / 2 + (1 - w) * torch.where(found, u[:, tries, 0], 0.5)
+    cy = h / 2 + (1 - h) * torch.where(found, u[:, tries, 1], 0.5)
     return torch.stack([w, h, cx, cy], dim=1)
 
 
@@ -182,7 +224,7 @@ def resized_crops(
     theta[:, 0, 0], theta[:, 0, 2] = sx, 2 * boxes[:, 2] - 1
     theta[:, 1, 1], theta[:, 1, 2] = sy, 2 * boxes[:, 3] - 1
     grid = F.affine_grid(theta, [n, images.shape[1], size, size], align_corners=False)
-    x = images.float() if images.dtype != torch.uint8 else images.float().div_(255)
+    x = images.float() if images.dtype != torch.uint8 else images.float().mul_(1.0 / 255)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
@@ -210,46 +252,54 @@ class Augment:
             cfg.data.image_size, tuple(a.scale), a.hflip, a.vflip, tuple(cfg.data.mean), tuple(cfg.data.std)
         )
 
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+    def __call__(self, images: torch.Tensor, aspects: torch.Tensor | None = None) -> torch.Tensor:
         n = images.shape[0]
-        boxes = crop_boxes(n, self.scale)  # drawn on the CPU: the same stream on every device
+        boxes = crop_boxes(n, self.scale, aspects=aspects)  # on the CPU: the same stream on every device
         hflip = torch.rand(n) < self.hflip
         vflip = torch.rand(n) < self.vflip
         return normalize(resized_crops(images, boxes, self.size, hflip, vflip), self.mean, self.std)
 
 
 class CachedBatches:
-    """Batches ``(images, labels)`` from cached uint8 images, ready on ``device``.
+    """Batches ``(images, labels)`` from a decoded split, ready on ``device``.
 
-    ``batches``: the index lists (a batch sampler, or fixed chunks for evaluation);
-    ``transform``: the batched augmentation, or None for evaluation (normalisation only).
+    ``batches``: the index lists (a batch sampler, or fixed chunks for evaluation); images that
+    could not be read are left out of them. ``transform``: the batched augmentation, or None for
+    evaluation (normalisation only).
     """
 
     def __init__(
         self,
-        images: torch.Tensor,
-        labels: torch.Tensor,
+        decoded: Decoded,
         batches: Iterable[list[int]],
         device: torch.device,
-        transform: Callable[[torch.Tensor], torch.Tensor] | None,
+        transform: Augment | None,
         mean: Sequence[float],
         std: Sequence[float],
     ) -> None:
-        self.images, self.labels, self.batches = images, labels, batches
+        self.decoded, self.batches = decoded, batches
         self.device, self.transform, self.mean, self.std = device, transform, mean, std
+        self.skip = not decoded.readable.all()
 
     def __len__(self) -> int:
         return len(self.batches)  # type: ignore[arg-type]
 
     def __iter__(self):
+        d = self.decoded
         for batch in self.batches:
             index = torch.as_tensor(batch, dtype=torch.long)
-            images = self.images[index.to(self.images.device)].to(self.device, non_blocking=True)
+            if self.skip:
+                index = index[d.readable[index]]
+                if len(index) == 0:
+                    yield torch.empty(0), torch.empty(0, dtype=torch.long)
+                    continue
+            images = d.images[index.to(d.images.device)].to(self.device, non_blocking=True)
             if self.transform is not None:
-                images = self.transform(images)
+                images = self.transform(images, d.aspects[index])
             else:
-                images = normalize(images.float().div_(255), self.mean, self.std)
-            yield images, self.labels[index]
+                # as the eval transform's ToDtype(scale=True) and Normalize: bit for bit the same values
+                images = normalize(images.float().mul_(1.0 / 255), self.mean, self.std)
+            yield images, d.labels[index]
 
 
 def cached_loaders(
@@ -267,21 +317,21 @@ def cached_loaders(
 
     store = device if kind == "gpu" else torch.device("cpu")
     resize = int(round(cfg.data.image_size / cfg.data.crop_ratio))
-    t0 = time.time()
-    train_images = decode_all(root, train, resize, resize, store)
-    val_images = decode_all(root, val, resize, cfg.data.image_size, store)
-    size = (train_images.numel() + val_images.numel()) / 2**30
     where = "GPU memory" if kind == "gpu" else "RAM"
+    log(f"data.cache: decoding {len(train)} + {len(val)} images into {where} ...")
+    t0 = time.time()
+    train_set = decode_all(root, train, resize, lambda path: decode_whole(path, resize), store)
+    size = cfg.data.image_size
+    val_set = decode_all(root, val, size, lambda path: decode(path, resize, size), store)
+    gib = (train_set.images.numel() + val_set.images.numel()) / 2**30
     log(
         f"data.cache: decoded {len(train)} + {len(val)} images once into {where} "
-        f"({size:.2f} GiB uint8) in {time.time() - t0:.1f}s; augmentation runs per batch on {device}"
+        f"({gib:.2f} GiB uint8) in {time.time() - t0:.1f}s; augmentation runs per batch on {device}"
     )
-    train_labels = torch.tensor([s.label for s in train])
-    val_labels = torch.tensor([s.label for s in val])
     chunk = cfg.data.batch_size * 2
     val_batches = [list(range(i, min(i + chunk, len(val)))) for i in range(0, len(val), chunk)]
     mean, std = tuple(cfg.data.mean), tuple(cfg.data.std)
     return (
-        CachedBatches(train_images, train_labels, sampler, device, Augment.of(cfg), mean, std),
-        CachedBatches(val_images, val_labels, val_batches, device, None, mean, std),
+        CachedBatches(train_set, sampler, device, Augment.of(cfg), mean, std),
+        CachedBatches(val_set, val_batches, device, None, mean, std),
     )

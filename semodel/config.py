@@ -185,9 +185,10 @@ class DataConfig(Section):
         "auto", description="DataLoader worker processes, or auto (by the device and the CPU cores)"
     )
     cache: Literal["auto", "gpu", "ram", "none"] = Field(
-        "none",
+        "auto",
         description="decode every image once and keep it (uint8) on the GPU or in RAM; augment per batch on "
-        "the device (auto: gpu, else ram, where it fits in a quarter of what is free)",
+        "the device (auto: gpu, else ram, where it fits in a quarter of what is free; none: decode every "
+        "epoch in data.num_workers processes)",
     )
     balance: Literal["none", "sampler", "loss"] = Field(
         "none",

@@ -14,6 +14,7 @@ from helpers_train import (
     tiny_config,
     write_config,
 )
+from PIL import Image
 
 import semodel.cache as cache
 from semodel.config import validate
@@ -64,12 +65,51 @@ def test_crop_boxes_follow_the_scale_and_stay_inside():
     w, h, cx, cy = boxes.unbind(1)
     assert ((cx - w / 2) >= -1e-6).all() and ((cx + w / 2) <= 1 + 1e-6).all()
     assert ((cy - h / 2) >= -1e-6).all() and ((cy + h / 2) <= 1 + 1e-6).all()
-    unclipped = (w < 1) & (h < 1)
-    area = (w * h)[unclipped]
+    drawn = (w < 1) & (h < 1)  # the rest: no draw fitted, the whole square
+    assert ((w == 1) & (h == 1) & (cx == 0.5) & (cy == 0.5))[~drawn].all()
+    area = (w * h)[drawn]
     assert area.min() >= 0.35 - 1e-6 and area.max() <= 1 + 1e-6
-    aspect = (w / h)[unclipped]
-    assert aspect.min() >= 3 / 4 - 1e-4 and aspect.max() <= 4 / 3 + 1e-4
     assert area.min() < 0.36 and area.max() > 0.95  # the whole range is drawn
+    aspect = w / h
+    assert aspect.min() >= 3 / 4 - 1e-4 and aspect.max() <= 4 / 3 + 1e-4
+    # scale 1 on a square: no draw but the aspect ratio 1 fits, so the crop is the whole image, as
+    # the uncached path's random resized crop makes it
+    assert (cache.crop_boxes(100, (1.0, 1.0), generator=g) == torch.tensor([1.0, 1.0, 0.5, 0.5])).all()
+
+
+def test_crop_boxes_are_drawn_in_the_images_pixel_proportions():
+    g = torch.Generator().manual_seed(4)
+    aspects = torch.tensor([3.0, 0.5, 1.5, 1.0]).repeat(5000)  # width / height
+    boxes = cache.crop_boxes(len(aspects), (0.35, 1.0), generator=g, aspects=aspects)
+    w, h, cx, cy = boxes.unbind(1)
+    assert ((cx - w / 2) >= -1e-6).all() and ((cx + w / 2) <= 1 + 1e-6).all()
+    assert ((cy - h / 2) >= -1e-6).all() and ((cy + h / 2) <= 1 + 1e-6).all()
+    pixel_aspect = w * aspects / h  # the crop's width / height in the image's pixels
+    assert pixel_aspect.min() >= 3 / 4 - 1e-4 and pixel_aspect.max() <= 4 / 3 + 1e-4
+    drawn = (cx != 0.5) | (cy != 0.5)  # the rest: the whole image cut to the nearest aspect ratio
+    assert (w * h)[drawn].min() >= 0.35 - 1e-6
+    assert (torch.maximum(w, h)[~drawn] == 1).all()
+    # On a 3:1 image a crop is at most as wide as 4/3 of the height: a quarter to 4/9 of the width,
+    # and its centre reaches both ends.
+    wide = aspects == 3.0
+    assert w[wide].max() <= 4 / 9 + 1e-4
+    assert (cx[wide] - w[wide] / 2).min() < 0.01 and (cx[wide] + w[wide] / 2).max() > 0.99
+
+
+def test_cached_crops_of_a_wide_photo_reach_its_borders(tmp_path):
+    # 90 x 30 px: red, green and blue thirds. A crop of the centred square would only ever be green.
+    pixels = torch.zeros(30, 90, 3, dtype=torch.uint8)
+    for third, channel in enumerate((0, 1, 2)):
+        pixels[:, third * 30 : (third + 1) * 30, channel] = 255
+    path = tmp_path / "wide.png"
+    Image.fromarray(pixels.numpy()).save(path)
+    image, aspect = cache.decode_whole(path, 40)
+    assert image.shape == (3, 40, 40) and aspect == 3.0
+    augment = cache.Augment(16, (0.35, 1.0), 0.0, 0.0, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+    torch.manual_seed(5)
+    crops = augment(image.unsqueeze(0).repeat(200, 1, 1, 1), torch.full((200,), aspect))
+    strongest = crops.mean(dim=(2, 3)).argmax(dim=1)  # the colour each crop shows most
+    assert set(strongest.tolist()) == {0, 1, 2}
 
 
 def test_cached_validation_images_equal_the_eval_transform(tmp_path):
@@ -86,7 +126,7 @@ def test_cached_validation_images_equal_the_eval_transform(tmp_path):
     images, labels = next(iter(val))
     transform = eval_transform(preprocess_of(cfg))
     expected = torch.stack([transform(load_rgb(root / s.path)) for s in samples])
-    torch.testing.assert_close(images, expected, rtol=0, atol=1e-6)
+    assert torch.equal(images, expected)  # bit for bit: a resumed run's calibration must not move
     assert labels.tolist() == [s.label for s in samples]
 
 
@@ -97,7 +137,8 @@ def test_choose(monkeypatch):
     def cfg(**data):
         return validate({"data": {**base["data"], **data}}, "t")
 
-    assert cache.choose(cfg(), cpu, 100, 10)[0] == "none"  # the default
+    assert cfg().data.cache == "auto"  # the default
+    assert cache.choose(cfg(cache="none"), cpu, 100, 10)[0] == "none"
     assert cache.choose(cfg(cache="ram"), cpu, 100, 10)[0] == "ram"
     monkeypatch.setattr(cache, "available_ram", lambda: 10**12)
     assert cache.choose(cfg(cache="auto"), cpu, 100, 10)[0] == "ram"

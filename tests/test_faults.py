@@ -211,9 +211,10 @@ def test_real_write_error_from_the_kernel_keeps_the_previous_checkpoint(one_epoc
 # ----------------------------------------------------------------------------- vanishing images, dead workers
 
 
-def test_image_deleted_after_the_scan_is_skipped(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("cache", ["auto", "none"])  # decoded once at the start, or read every epoch
+def test_image_deleted_after_the_scan_is_skipped(cache, tmp_path, monkeypatch, capsys):
     root = make_folder(tmp_path / "data", per_class=4)
-    raw = tiny_config(root, tmp_path / "runs", "gone", train={"epochs": 2})
+    raw = tiny_config(root, tmp_path / "runs", "gone", data={"cache": cache}, train={"epochs": 2})
     config = write_config(tmp_path / "gone.yaml", raw)
     real_prepare = semodel.train.prepare_dataset
     deleted = []
@@ -257,7 +258,10 @@ semodel.data.train_transform = train_transform
 @pytest.mark.parametrize("how", ["sigkill", "exit"])
 def test_dataloader_worker_that_dies_ends_the_run_with_a_clear_message(how, tmp_path):
     root = make_folder(tmp_path / "data", per_class=4)  # 9 training images: 1 step per epoch
-    raw = tiny_config(root, tmp_path / "runs", "w", data={"num_workers": 1}, train={"epochs": 2})
+    # DataLoader workers decode the uncached path's images (data.cache decodes them in the main process)
+    raw = tiny_config(
+        root, tmp_path / "runs", "w", data={"num_workers": 1, "cache": "none"}, train={"epochs": 2}
+    )
     config = write_config(tmp_path / "w.yaml", raw)
     run_dir = tmp_path / "runs" / "w"
     if how == "sigkill":  # killed (as by the OOM killer) at the first image of epoch 2: last.pt has epoch 1

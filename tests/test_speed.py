@@ -28,6 +28,7 @@ from helpers_train import (
     write_config,
 )
 
+import semodel.cache
 import semodel.data
 import semodel.train
 from semodel.checkpoint import (
@@ -46,28 +47,26 @@ from semodel.optim import fast_kernels, make_optimizer, param_groups
 from semodel.timing import PARTS, Budget, timed
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    """A finished 2-epoch run with EMA and a test split; tests copy its folder before changing it."""
-    base = tmp_path_factory.mktemp("speed")
+def finished_run(base: Path, cache: str) -> dict:
+    """A finished 2-epoch run with EMA and a test split, with the images it decoded and the sizes of
+    its evaluation passes."""
     root = make_folder(base / "data", per_class=8)
     raw = tiny_config(
         root,
         base / "runs",
         "speed",
-        data={"split": {"val": 0.25, "test": 0.25, "seed": 0}},
+        data={"split": {"val": 0.25, "test": 0.25, "seed": 0}, "cache": cache},
         train={"epochs": 2, "ema": True, "ema_decay": 0.5},
     )
     config = write_config(base / "speed.yaml", raw)
     lines: list[str] = []
     reads: list[str] = []  # every image the run decoded, in order
     scored: list[int] = []  # the images of each evaluation pass (validation, calibration, test)
-    real_getitem = semodel.data.ImageList.__getitem__
-    real_predict = semodel.train.predict_probs
+    real_load, real_predict = semodel.data.load_rgb, semodel.train.predict_probs
 
-    def counting_getitem(self, index):
-        reads.append(self.items[index][0])
-        return real_getitem(self, index)
+    def counting_load(path, *args, **kwargs):
+        reads.append(Path(path).relative_to(root).as_posix())
+        return real_load(path, *args, **kwargs)
 
     def counting_predict(*args, **kwargs):
         probs, targets, loss = real_predict(*args, **kwargs)
@@ -75,23 +74,38 @@ def run(tmp_path_factory):
         return probs, targets, loss
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(semodel.data.ImageList, "__getitem__", counting_getitem)
+        mp.setattr(semodel.data, "load_rgb", counting_load)  # the loaders' ImageList
+        mp.setattr(semodel.cache, "load_rgb", counting_load)  # data.cache's decoding
         mp.setattr(semodel.train, "predict_probs", counting_predict)
         run_dir = semodel.train.fit(load_config(config, []), config, log=lines.append)
     return {"run_dir": run_dir, "root": root, "log": lines, "base": base, "reads": reads, "scored": scored}
 
 
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A finished run with the defaults (data.cache: auto, here ram); tests copy its folder before
+    changing it."""
+    return finished_run(tmp_path_factory.mktemp("speed"), "auto")
+
+
+@pytest.fixture(scope="module")
+def uncached_run(tmp_path_factory):
+    return finished_run(tmp_path_factory.mktemp("uncached"), "none")
+
+
 # ----------------------------------------------------------------------------- the time budget
 
 
-def test_time_budget_parts_add_up_to_the_wall_time_and_are_in_metrics_json(run):
+@pytest.mark.parametrize("cached", [True, False])
+def test_time_budget_parts_add_up_to_the_wall_time_and_are_in_metrics_json(cached, run, uncached_run):
+    run = run if cached else uncached_run
     metrics = json.loads((run["run_dir"] / "metrics.json").read_text())
     budget = metrics["time_budget"]
     assert set(budget) == {*PARTS, "other", "wall", "checkpoint_background"}
     parts = sum(budget[p] for p in PARTS)
     assert parts + budget["other"] == pytest.approx(budget["wall"], abs=0.01)
     assert budget["other"] <= 0.1 * budget["wall"] + 0.2  # the parts account for (almost) everything
-    for part in ("startup", "data_wait", "train_step", "ema", "validation", "checkpoint", "final_test"):
+    for part in PARTS:  # validation: its forward passes; its batches and metrics apart
         assert budget[part] > 0, part
     assert budget["checkpoint_background"] > 0  # the files were written on the writer thread
     assert budget["wall"] >= metrics["wall_time_s"] - 0.1  # (finish_run's figure, taken before its end)
@@ -266,15 +280,19 @@ def test_ema_matches_averaged_model_and_syncs_nothing_per_step():
 # ----------------------------------------------------------------------------- the slim best.pt
 
 
-def test_validation_images_are_decoded_once_per_run(run):
+@pytest.mark.parametrize("cached", [True, False])
+def test_validation_images_are_decoded_once_per_run(cached, run, uncached_run):
     """Two epochs of validation and the calibration pass read each validation image once; the
-    training images once per epoch; the test images once (the final test)."""
-    rows = list(csv.DictReader((run["run_dir"] / "split.csv").open()))
+    training images once per run with data.cache, else once per epoch; the test images once."""
+    done = run if cached else uncached_run
+    assert any("data.cache: decoded" in line for line in done["log"]) == cached
+    rows = list(csv.DictReader((done["run_dir"] / "split.csv").open()))
     by_split = {split: [r["path"] for r in rows if r["split"] == split] for split in ("train", "val", "test")}
-    reads = collections.Counter(run["reads"])
+    reads = collections.Counter(done["reads"])
     assert {path: reads[path] for path in by_split["val"]} == dict.fromkeys(by_split["val"], 1)
     assert {path: reads[path] for path in by_split["test"]} == dict.fromkeys(by_split["test"], 1)
-    assert {path: reads[path] for path in by_split["train"]} == dict.fromkeys(by_split["train"], 2)
+    epochs = 1 if cached else 2
+    assert {path: reads[path] for path in by_split["train"]} == dict.fromkeys(by_split["train"], epochs)
 
 
 def test_calibration_reuses_the_best_epochs_validation_predictions(run):
