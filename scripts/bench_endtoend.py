@@ -614,6 +614,11 @@ def report(args, rounds: list[dict[str, Any]], data: Path) -> None:
         ratios = [r["reference"]["process_wall"] / r["semodel"]["process_wall"] for r in rounds]
         ref = rounds[-1]["reference"]
         print(f"reference loop: {r_wall:.1f}s  ({share_line(ref['parts'], ref['wall'])})")
+        work = ref["parts"]["train_step"] + ref["parts"]["validation"]
+        print(
+            f"reference outside its training step {1 - ref['parts']['train_step'] / ref['wall']:.1%}, "
+            f"outside the step and validation's forward passes {1 - work / ref['wall']:.1%}"
+        )
         print(
             f"ratio reference / semodel: {statistics.median(ratios):.3f}  (per round: "
             + ", ".join(f"{x:.3f}" for x in ratios)
@@ -622,8 +627,10 @@ def report(args, rounds: list[dict[str, Any]], data: Path) -> None:
     budget = last["budget"]
     if budget:
         outside = budget["wall"] - budget["train_step"]
+        work = budget["train_step"] + budget.get("validation", 0.0)  # forward passes only since val_data
         print(
             f"semodel time budget (metrics.json): outside the training step {outside / budget['wall']:.1%}, "
+            f"outside the step and validation's forward passes {1 - work / budget['wall']:.1%}, "
             f"checkpoint writes {budget['checkpoint'] / budget['wall']:.1%} "
             f"(+ {budget['checkpoint_background']:.1f}s in the background)"
         )

@@ -10,7 +10,11 @@ them), so the parts and ``other`` add up to the wall time::
     train_step   the rest of the training loop: forward, backward, optimizer step, the loss
                  bookkeeping and its syncs at the progress cadence
     ema          the EMA update after each optimizer step
-    validation   scoring the validation split after each epoch (its own loading included)
+    validation   the validation split's forward passes after each epoch (with the loss and the
+                 softmax, and the gathering of the ranks' predictions)
+    val_data     blocked in the validation loader: reading and decoding the images (the first
+                 epoch, without data.cache), making the batches
+    val_metrics  the validation metrics from the predictions (torchmetrics; its import once)
     checkpoint   the main thread's share of the checkpoint writes: the CPU snapshot of the state
                  and waiting for the previous background write
     logging      the epoch's records: history, console line, TensorBoard scalars and figures
@@ -41,11 +45,19 @@ PARTS = (
     "train_step",
     "ema",
     "validation",
+    "val_data",
+    "val_metrics",
     "checkpoint",
     "logging",
     "final_test",
 )
-LABELS = {"train_step": "train step", "data_wait": "data wait", "final_test": "final test"}
+LABELS = {
+    "train_step": "train step",
+    "data_wait": "data wait",
+    "final_test": "final test",
+    "val_data": "validation data",
+    "val_metrics": "validation metrics",
+}
 
 
 class Budget:
@@ -108,9 +120,9 @@ class Budget:
         shown = ", ".join(f"{LABELS.get(p, p)} {s:.1f}s ({s / wall:.0%})" for p, s in parts if s >= 0.05)
         step, validation = report["train_step"] / wall, report["validation"] / wall
         return (
-            f"time budget: {wall:.1f}s wall: training step {step:.0%}, validation {validation:.0%}, "
-            f"the rest {1 - step - validation:.0%}; checkpoint writes {report['checkpoint_background']:.1f}s "
-            f"in the background\n  {shown}"
+            f"time budget: {wall:.1f}s wall: training step {step:.0%}, validation forward passes "
+            f"{validation:.0%}, the rest {1 - step - validation:.0%}; checkpoint writes "
+            f"{report['checkpoint_background']:.1f}s in the background\n  {shown}"
         )
 
 

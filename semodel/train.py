@@ -668,8 +668,9 @@ def validate(run: Run, epoch: int) -> tuple[dict[str, Any], Predictions]:
     distributed.broadcast_buffers(run.model, run.world)
     if run.ema is not None:
         distributed.broadcast_buffers(run.ema.module, run.world)
+    batches = timed(run.loaders.val, run.budget, "val_data")
     probs, targets, loss = predict_probs(
-        run.eval_model, run.loaders.val, run.device, run.dtype, run.cfg.train.channels_last
+        run.eval_model, batches, run.device, run.dtype, run.cfg.train.channels_last
     )
     if run.world.distributed:
         parts = distributed.gather_objects((probs, targets, loss * len(targets)), run.world)
@@ -678,7 +679,9 @@ def validate(run: Run, epoch: int) -> tuple[dict[str, Any], Predictions]:
         loss = sum(part_loss for _, _, part_loss in parts) / len(targets)
     if not math.isfinite(loss):  # the weights diverged in the epoch's last steps
         raise SemodelError(diverged(f"validation loss became {loss} after epoch {epoch}", run.progress))
+    since = run.budget.mark()
     metrics = classification_metrics(probs, targets, run.data.classes)
+    run.budget.rest_to("val_metrics", since)
     metrics["loss"] = loss
     return metrics, Predictions(probs, targets)
 
