@@ -34,6 +34,7 @@ from semodel.errors import SemodelError
 from semodel.evalsets import EvalSet
 from semodel.files import read_json, write_text_atomic
 from semodel.runlog import say
+from semodel.timing import LABELS, PARTS
 
 FIGURES = ("curves.png", "confusion_matrix.png", "roc.png", "reliability.png", "worst.png")
 
@@ -206,8 +207,10 @@ def run_page(run_dir: Path, state: dict, summary: dict, results: Results, figure
         figure_section(
             "Most confidently wrong test images", run_dir / "worst.png", "Grad-CAM of the prediction"
         ),
-        section("Config", f"<pre>{html.escape(config_yaml(cfg))}</pre>"),
     ]
+    if summary.get("time_budget"):  # runs before the time budget have none
+        sections.append(section("Where the training time went", time_budget_html(summary["time_budget"])))
+    sections.append(section("Config", f"<pre>{html.escape(config_yaml(cfg))}</pre>"))
     footer = f"made by semodel {__version__}: <code>semodel report {html.escape(str(run_dir))}</code>"
     return page(title, sections, footer)
 
@@ -334,6 +337,23 @@ def data_html(run_dir: Path, state: dict, summary: dict, results: Results) -> st
         f"<p>Skipped files: {len(skipped)}</p><ul>{listed}</ul>" if skipped else "<p>No file was skipped.</p>"
     )
     return "\n".join(parts)
+
+
+def time_budget_html(budget: dict[str, float]) -> str:
+    """The run's time budget (metrics.json ``time_budget``, see semodel.timing): each part's
+    seconds and share of the wall time, largest first."""
+    wall = max(budget.get("wall", 0.0), 1e-9)
+    parts = sorted((p for p in (*PARTS, "other") if p in budget), key=lambda p: -budget[p])
+    rows = [["part", "seconds", "share of the wall time"]]
+    rows += [[LABELS.get(p, p), f"{budget[p]:.1f}", f"{budget[p] / wall:.1%}"] for p in parts]
+    rows.append(["wall time", f"{wall:.1f}", "100%"])
+    note = (
+        f"<p>Checkpoint files were written on a background thread for "
+        f"{budget.get('checkpoint_background', 0.0):.1f}s while training went on; "
+        "<code>checkpoint</code> is what the training loop waited for. The parts are described in "
+        "the performance page of the docs (the time budget).</p>"
+    )
+    return table_html(rows) + "\n" + note
 
 
 def config_yaml(config: dict[str, Any]) -> str:

@@ -94,6 +94,10 @@ def test_a_run_leaves_its_report(run):
     assert page.count("data:image/png;base64,") == 5
     assert "Per patient" in page and "chosen on val" in page
     assert f"report: {run_dir / 'report.html'}" in run["stdout"]
+    budget = json.loads((run_dir / "metrics.json").read_text())["time_budget"]
+    assert "Where the training time went" in page
+    assert f"<td>train step</td><td>{budget['train_step']:.1f}</td>" in page
+    assert f"<td>wall time</td><td>{budget['wall']:.1f}</td>" in page
 
 
 def test_test_predictions_are_the_models_probabilities(run):
