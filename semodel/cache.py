@@ -120,10 +120,12 @@ def decode(path: Path, resize: int, crop: int) -> tuple[torch.Tensor, float]:
 
 def decode_whole(path: Path, side: int) -> tuple[torch.Tensor, float]:
     """uint8 3 x side x side: the whole image resized (antialiased) to a square, and its aspect
-    ratio (width / height), which the crops are drawn in."""
+    ratio (width / height), which the crops are drawn in. A large JPEG is decoded at a reduced
+    scale that keeps both sides at least ``side`` (``load_rgb``'s draft): the training crops are
+    sampled from ``side`` pixels either way."""
     from torchvision.transforms.v2 import functional as TF
 
-    image = TF.pil_to_tensor(load_rgb(path))
+    image = TF.pil_to_tensor(load_rgb(path, draft=(side, side)))
     height, width = image.shape[-2:]
     return TF.resize(image, [side, side], antialias=True).contiguous(), width / height
 

@@ -15,6 +15,7 @@ from helpers_train import (
     write_config,
 )
 from PIL import Image
+from torchvision.transforms.v2.functional import pil_to_tensor
 
 import semodel.cache as cache
 from semodel.config import validate
@@ -110,6 +111,22 @@ def test_cached_crops_of_a_wide_photo_reach_its_borders(tmp_path):
     crops = augment(image.unsqueeze(0).repeat(200, 1, 1, 1), torch.full((200,), aspect))
     strongest = crops.mean(dim=(2, 3)).argmax(dim=1)  # the colour each crop shows most
     assert set(strongest.tolist()) == {0, 1, 2}
+
+
+def test_a_large_jpeg_is_decoded_at_a_reduced_scale_for_the_cache(tmp_path):
+    torch.manual_seed(6)
+    smooth = F.interpolate(torch.rand(1, 3, 6, 8) * 255, size=(600, 800), mode="bilinear")
+    path = tmp_path / "photo.jpg"
+    Image.fromarray(smooth[0].permute(1, 2, 0).round().byte().numpy()).save(path, quality=95)
+    # min(800 // 73, 600 // 73) = 8: decoded at 1/8 scale, both sides still >= 73
+    assert load_rgb(path, draft=(73, 73)).size == (100, 75)
+    assert load_rgb(path).size == (800, 600)
+    image, aspect = cache.decode_whole(path, 73)
+    assert image.shape == (3, 73, 73) and aspect == 100 / 75
+    full = F.interpolate(
+        pil_to_tensor(load_rgb(path))[None].float(), size=(73, 73), mode="bilinear", antialias=True
+    )
+    assert (image.float() - full[0]).abs().mean() < 2.0  # the same picture, within a few grey levels
 
 
 def test_cached_validation_images_equal_the_eval_transform(tmp_path):
