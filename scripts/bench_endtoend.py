@@ -35,6 +35,10 @@ git-ignored). ``--rounds R`` repeats both runs, the order alternating, and repor
 every figure. ``--parts`` (DATA is then not read) times the pieces alone: an optimizer step per
 kernel, an EMA update, the CPU copy a checkpoint write starts from. ``--step-ab`` times semodel's
 training step in one process on batches read ahead against batches fed by the loader.
+``--side-by-side`` starts both runs at the same time (with ``--threads 1`` each has a core of a
+2-core machine): a shared machine's speed drifts by 10-20% over minutes, which moves runs timed one
+after the other; side by side both see the same drift. The reference then reads a split.csv made
+by semodel's own split function before either starts (checked against semodel's run).
 """
 
 from __future__ import annotations
@@ -490,6 +494,11 @@ def parse(argv: list[str] | None):
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--rounds", type=int, default=1)
     p.add_argument("--no-reference", action="store_true", help="time semodel only")
+    p.add_argument(
+        "--side-by-side",
+        action="store_true",
+        help="run semodel and the reference at the same time (with --threads 1: a core each)",
+    )
     p.add_argument("--workdir", type=Path, default=REPO / ".bench" / "endtoend")
     p.add_argument("--semodel", type=Path, default=None, help="import semodel from this folder")
     p.add_argument("--json", type=Path, default=None)
@@ -539,15 +548,49 @@ def child(args) -> None:
     args.out.write_text(json.dumps(result, default=str))
 
 
-def timed_child(argv: list[str], who: str, out: Path, split_csv: Path | None = None) -> dict[str, Any]:
+def child_command(argv: list[str], who: str, out: Path, split_csv: Path | None = None) -> list[str]:
     command = [sys.executable, str(Path(__file__).resolve()), *argv, "--child", who, "--out", str(out)]
-    if split_csv is not None:
-        command += ["--split-csv", str(split_csv)]
+    return command + (["--split-csv", str(split_csv)] if split_csv is not None else [])
+
+
+def timed_child(argv: list[str], who: str, out: Path, split_csv: Path | None = None) -> dict[str, Any]:
     t0 = time.perf_counter()
-    subprocess.run(command, check=True)
+    subprocess.run(child_command(argv, who, out, split_csv), check=True)
     result = json.loads(out.read_text())
     result["process_wall"] = time.perf_counter() - t0  # with Python's start and the imports
     return result
+
+
+def side_by_side(argv: list[str], workdir: Path, split_csv: Path) -> dict[str, Any]:
+    """semodel and the reference started together, each in its own process (``--threads 1``: one
+    core each). The speed of a shared machine drifts by 10-20% over minutes, which moves runs
+    timed one after the other; running side by side, both see the same drift."""
+    running = {}
+    for who in ("semodel", "reference"):
+        out = workdir / f"{who}.json"
+        command = child_command(argv, who, out, split_csv if who == "reference" else None)
+        running[who] = (subprocess.Popen(command), out)
+    t0, row = time.perf_counter(), {}
+    while running:
+        for who, (proc, out) in list(running.items()):
+            if proc.poll() is None:
+                continue
+            if proc.returncode != 0:
+                raise subprocess.CalledProcessError(proc.returncode, f"the {who} run")
+            row[who] = json.loads(out.read_text()) | {"process_wall": time.perf_counter() - t0}
+            del running[who]
+        time.sleep(0.05)
+    return row
+
+
+def reference_split(args, cfg, workdir: Path) -> Path:
+    """split.csv of the data as semodel splits it (the same function, config and seed), for a
+    reference that starts before semodel's run has written its own."""
+    from semodel.data import prepare_dataset, write_split_csv
+
+    path = workdir / "split.csv"
+    write_split_csv(prepare_dataset(cfg, log=lambda line: None), path)
+    return path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -576,7 +619,18 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
     rounds: list[dict[str, Any]] = []
+    split_csv = reference_split(args, cfg, args.workdir) if args.side_by_side else None
     for r in range(args.rounds):
+        if split_csv is not None:
+            rounds.append(side_by_side(argv, args.workdir, split_csv))
+            same = Path(rounds[-1]["semodel"]["run_dir"], "split.csv").read_bytes() == split_csv.read_bytes()
+            print(
+                f"round {r + 1} (side by side): semodel {rounds[-1]['semodel']['process_wall']:.1f}s, "
+                f"reference {rounds[-1]['reference']['process_wall']:.1f}s"
+                + ("" if same else "  (warning: semodel's split.csv differs from the reference's)"),
+                flush=True,
+            )
+            continue
         row: dict[str, Any] = {}
         order = ["semodel", "reference"] if r % 2 == 0 or args.no_reference else ["reference", "semodel"]
         for who in order:
