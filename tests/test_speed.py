@@ -105,8 +105,11 @@ def test_time_budget_parts_add_up_to_the_wall_time_and_are_in_metrics_json(cache
     parts = sum(budget[p] for p in PARTS)
     assert parts + budget["other"] == pytest.approx(budget["wall"], abs=0.01)
     assert budget["other"] <= 0.1 * budget["wall"] + 0.2  # the parts account for (almost) everything
-    for part in PARTS:  # validation: its forward passes; its batches and metrics apart
-        assert budget[part] > 0, part
+    # validation: its forward passes; its batches (decoded in the first epoch without the cache; with
+    # it, slices of a tensor: well under a millisecond here) and its metrics apart
+    for part in PARTS:
+        assert budget[part] >= 0, part
+        assert budget[part] > 0 or (cached and part == "val_data"), part
     assert budget["checkpoint_background"] > 0  # the files were written on the writer thread
     assert budget["wall"] >= metrics["wall_time_s"] - 0.1  # (finish_run's figure, taken before its end)
     assert any(line.startswith("time budget: ") for line in run["log"]), run["log"]
