@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -31,10 +30,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
-from semodel.data import Sample, load_rgb
-from semodel.errors import SemodelError, first_line
+from semodel.data import UNREADABLE, Sample, collate_skip_bad, load_rgb, warn_skipped
+from semodel.errors import SemodelError
 
 FREE_SHARE = 0.25  # auto: the cache may take this share of free GPU memory / available RAM
 
@@ -160,8 +158,8 @@ def decode_all(
         path = Path(root) / samples[i].path
         try:
             image, aspects[i] = decoder(path)
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-            print(f"warning: skipping {path}: {first_line(e, 100)}", file=sys.stderr)
+        except UNREADABLE as e:
+            warn_skipped(path, e)
             readable[i] = False
             return
         out[i] = image.to(device)
@@ -293,7 +291,7 @@ class CachedBatches:
             if self.skip:
                 index = index[d.readable[index]]
                 if len(index) == 0:
-                    yield torch.empty(0), torch.empty(0, dtype=torch.long)
+                    yield collate_skip_bad([])  # the empty batch the uncached loaders yield
                     continue
             images = d.images[index.to(d.images.device)].to(self.device, non_blocking=True)
             if self.transform is not None:

@@ -497,6 +497,14 @@ def train_transform(cfg: Any):
 # ----------------------------------------------------------------------------- loading
 
 
+# What reading a file that is gone or damaged since the scan raises: the loaders skip such an image.
+UNREADABLE = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
+def warn_skipped(path: Path, error: BaseException) -> None:
+    print(f"warning: skipping {path}: {first_line(error, 100)}", file=sys.stderr)
+
+
 class ImageList:
     """A map-style dataset over (path, label) pairs; unreadable files yield None (skipped by collate)."""
 
@@ -512,8 +520,8 @@ class ImageList:
         path, label = self.items[index]
         try:
             image = load_rgb(self.root / path)
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-            print(f"warning: skipping {self.root / path}: {first_line(e, 100)}", file=sys.stderr)
+        except UNREADABLE as e:
+            warn_skipped(self.root / path, e)
             return None
         return self.transform(image), label
 
