@@ -571,19 +571,23 @@ def side_by_side(argv: list[str], workdir: Path, split_csv: Path) -> dict[str, A
         command = child_command(argv, who, out, split_csv if who == "reference" else None)
         running[who] = (subprocess.Popen(command), out)
     t0, row = time.perf_counter(), {}
-    while running:
-        for who, (proc, out) in list(running.items()):
-            if proc.poll() is None:
-                continue
-            if proc.returncode != 0:
-                raise subprocess.CalledProcessError(proc.returncode, f"the {who} run")
-            row[who] = json.loads(out.read_text()) | {"process_wall": time.perf_counter() - t0}
-            del running[who]
-        time.sleep(0.05)
+    try:
+        while running:
+            for who, (proc, out) in list(running.items()):
+                if proc.poll() is None:
+                    continue
+                if proc.returncode != 0:
+                    raise subprocess.CalledProcessError(proc.returncode, f"the {who} run")
+                row[who] = json.loads(out.read_text()) | {"process_wall": time.perf_counter() - t0}
+                del running[who]
+            time.sleep(0.05)
+    finally:  # one run failed (or Ctrl-C): the other is not left running on its own
+        for proc, _ in running.values():
+            proc.kill()
     return row
 
 
-def reference_split(args, cfg, workdir: Path) -> Path:
+def reference_split(cfg, workdir: Path) -> Path:
     """split.csv of the data as semodel splits it (the same function, config and seed), for a
     reference that starts before semodel's run has written its own."""
     from semodel.data import prepare_dataset, write_split_csv
@@ -591,6 +595,38 @@ def reference_split(args, cfg, workdir: Path) -> Path:
     path = workdir / "split.csv"
     write_split_csv(prepare_dataset(cfg, log=lambda line: None), path)
     return path
+
+
+def timed_rounds(args, argv: list[str], cfg) -> list[dict[str, Any]]:
+    """``--rounds`` pairs of runs: side by side, or one after the other in alternating order."""
+    rounds: list[dict[str, Any]] = []
+    split_csv = reference_split(cfg, args.workdir) if args.side_by_side else None
+    for r in range(args.rounds):
+        if split_csv is not None:
+            rounds.append(side_by_side(argv, args.workdir, split_csv))
+            same = Path(rounds[-1]["semodel"]["run_dir"], "split.csv").read_bytes() == split_csv.read_bytes()
+            print(
+                f"round {r + 1} (side by side): semodel {rounds[-1]['semodel']['process_wall']:.1f}s, "
+                f"reference {rounds[-1]['reference']['process_wall']:.1f}s"
+                + ("" if same else "  (warning: semodel's split.csv differs from the reference's)"),
+                flush=True,
+            )
+            continue
+        row: dict[str, Any] = {}
+        order = ["semodel", "reference"] if r % 2 == 0 or args.no_reference else ["reference", "semodel"]
+        for who in order:
+            out = args.workdir / f"{who}.json"
+            if who == "semodel":
+                row["semodel"] = timed_child(argv, "semodel", out)
+            elif not args.no_reference:  # the split of semodel's run (this round's or the last)
+                split_run = row.get("semodel") or rounds[-1]["semodel"]
+                row["reference"] = timed_child(
+                    argv, "reference", out, Path(split_run["run_dir"]) / "split.csv"
+                )
+            if who in row:
+                print(f"round {r + 1}: {who} {row[who]['process_wall']:.1f}s", flush=True)
+        rounds.append(row)
+    return rounds
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -618,33 +654,7 @@ def main(argv: list[str] | None = None) -> int:
         f"epochs {args.epochs}  data {data}",
         flush=True,
     )
-    rounds: list[dict[str, Any]] = []
-    split_csv = reference_split(args, cfg, args.workdir) if args.side_by_side else None
-    for r in range(args.rounds):
-        if split_csv is not None:
-            rounds.append(side_by_side(argv, args.workdir, split_csv))
-            same = Path(rounds[-1]["semodel"]["run_dir"], "split.csv").read_bytes() == split_csv.read_bytes()
-            print(
-                f"round {r + 1} (side by side): semodel {rounds[-1]['semodel']['process_wall']:.1f}s, "
-                f"reference {rounds[-1]['reference']['process_wall']:.1f}s"
-                + ("" if same else "  (warning: semodel's split.csv differs from the reference's)"),
-                flush=True,
-            )
-            continue
-        row: dict[str, Any] = {}
-        order = ["semodel", "reference"] if r % 2 == 0 or args.no_reference else ["reference", "semodel"]
-        for who in order:
-            out = args.workdir / f"{who}.json"
-            if who == "semodel":
-                row["semodel"] = timed_child(argv, "semodel", out)
-            elif not args.no_reference:  # the split of semodel's run (this round's or the last)
-                split_run = row.get("semodel") or rounds[-1]["semodel"]
-                row["reference"] = timed_child(
-                    argv, "reference", out, Path(split_run["run_dir"]) / "split.csv"
-                )
-            if who in row:
-                print(f"round {r + 1}: {who} {row[who]['process_wall']:.1f}s", flush=True)
-        rounds.append(row)
+    rounds = timed_rounds(args, argv, cfg)
     # semodel eval on the validation images of the last run, in a fresh process of its own.
     last_run = Path(rounds[-1]["semodel"]["run_dir"])
     try:
