@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from torch.utils.data import DataLoader
 
-    from semodel.cache import cached_loaders
+    from semodel.cache import cached_loaders, choose
     from semodel.data import ImageList, collate_skip_bad, scan_dataset, train_transform
     from semodel.loaders import EpochBatchSampler
 
@@ -104,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     kinds = ["ram"] + (["gpu"] if device.type == "cuda" else [])
     for kind in kinds:
         t0 = time.perf_counter()
-        train, _ = cached_loaders(cfg, kind, args.data, samples, samples[:1], sampler, device, lambda m: None)
+        plan = choose(cfg, device, args.data, samples, 1, setting=kind)
+        train, _ = cached_loaders(cfg, plan, args.data, samples, samples[:1], sampler, device, lambda m: None)
         setup = time.perf_counter() - t0
         ips = run_epochs(train, args.epochs, device)
         rows.append(

@@ -13,11 +13,13 @@ data scan and split, validation metrics, TensorBoard, checkpoints and final test
 The reference is written plainly below (``reference_run``): the same model (``build_model`` with
 the config's model options, memory format as ``train.channels_last``), the same training images,
 batch size, epochs, AdamW settings (fused kernel where PyTorch has one for the device), cosine
-schedule with warm-up, label smoothing, EMA (``AveragedModel``) and mixed precision (semodel's
-``train.amp`` rule: bf16 autocast on a GPU);
-images decoded once into uint8 tensors, and per batch a random resized crop (the config's scale)
-and flips, both with ``affine_grid`` + ``grid_sample``; the EMA weights' loss and accuracy on the
-validation images every epoch and on the test images at the end; no checkpoints, no logging. It
+schedule with warm-up, label smoothing, EMA (``AveragedModel``) and mixed precision in the training
+step (semodel's ``train.amp`` rule: bf16 autocast on a GPU, and on a CPU that computes bf16
+natively); training images decoded once into uint8 tensors kept large enough for the smallest
+crop (as semodel's ``data.cache`` keeps them), and per image torchvision's random resized crop
+(the config's scale, antialiased) and flips; the EMA weights' loss and accuracy (fp32, as semodel
+scores) on the validation images every epoch and on the test images at the end; no checkpoints,
+no logging. It
 uses the split semodel's run wrote (``split.csv``), so both see the same images. Its wall time
 includes decoding.
 
@@ -240,6 +242,7 @@ def reference_run(cfg, split_csv: Path, device) -> dict[str, Any]:
     import torch.nn.functional as F
     from PIL import Image
     from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+    from torchvision.transforms import v2
     from torchvision.transforms.v2 import functional as TF
 
     from semodel.models import build_model
@@ -254,40 +257,43 @@ def reference_run(cfg, split_csv: Path, device) -> dict[str, Any]:
     classes = sorted({r["class"] for r in rows})
     size, resize = d.image_size, int(round(d.image_size / d.crop_ratio))
 
-    def decode(split: str, crop: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def keep(x: torch.Tensor) -> torch.Tensor:
+        # kept large enough that the smallest crop (area scale[0], aspect 3/4) still has `size` pixels a side
+        h, w = x.shape[-2:]
+        f = min(1.0, math.sqrt(size**2 / (a.scale[0] * 3 / 4) / (h * w)))
+        return TF.resize(x, [math.ceil(h * f), math.ceil(w * f)], antialias=True)
+
+    def decode(split: str, crop: int | None) -> tuple[Any, torch.Tensor]:
         chosen = [r for r in rows if r["split"] == split]
-        images = torch.empty((len(chosen), 3, crop, crop), dtype=torch.uint8)
-        for i, r in enumerate(chosen):
+        images = []
+        for r in chosen:
             with Image.open(root / r["path"]) as image:
                 x = TF.pil_to_tensor(image.convert("RGB"))
-            images[i] = TF.center_crop(TF.resize(x, [resize], antialias=True), [crop, crop])
+            if crop is None:
+                images.append(keep(x))
+            else:
+                images.append(TF.center_crop(TF.resize(x, [resize], antialias=True), [crop, crop]))
         labels = torch.tensor([classes.index(r["class"]) for r in chosen])
-        return images.to(device), labels.to(device)
+        return (images if crop is None else torch.stack(images).to(device)), labels.to(device)
 
     t0 = time.perf_counter()
-    train_x, train_y = decode("train", resize)
+    train_x, train_y = decode("train", None)
     val_x, val_y = decode("val", size)
     test_x, test_y = decode("test", size)
     parts["decode"] = time.perf_counter() - t0
     mean = torch.tensor(d.mean, device=device).view(1, 3, 1, 1)
     std = torch.tensor(d.std, device=device).view(1, 3, 1, 1)
+    crop = v2.Compose(
+        [
+            v2.RandomResizedCrop(size, scale=tuple(a.scale), antialias=True),
+            v2.RandomHorizontalFlip(a.hflip),
+            v2.RandomVerticalFlip(a.vflip),
+        ]
+    )
 
-    def augment(images: torch.Tensor) -> torch.Tensor:
-        n = images.shape[0]
-        u = torch.rand(n, 6, device=device)
-        area = a.scale[0] + (a.scale[1] - a.scale[0]) * u[:, 0]
-        aspect = torch.exp(math.log(3 / 4) + math.log(16 / 9) * u[:, 1])
-        w, h = (area * aspect).sqrt().clamp(max=1), (area / aspect).sqrt().clamp(max=1)
-        theta = torch.zeros(n, 2, 3, device=device)
-        theta[:, 0, 0] = w * torch.where(u[:, 4] < a.hflip, -1.0, 1.0)
-        theta[:, 1, 1] = h * torch.where(u[:, 5] < a.vflip, -1.0, 1.0)
-        theta[:, 0, 2] = (1 - w) * (2 * u[:, 2] - 1)
-        theta[:, 1, 2] = (1 - h) * (2 * u[:, 3] - 1)
-        grid = F.affine_grid(theta, [n, 3, size, size], align_corners=False)
-        x = F.grid_sample(
-            images.float() / 255, grid, mode="bilinear", padding_mode="border", align_corners=False
-        )
-        return (x - mean) / std
+    def augment(index: list[int]) -> torch.Tensor:
+        x = torch.stack([crop(train_x[i]) for i in index]).to(device)
+        return (x.float() / 255 - mean) / std
 
     def evaluate(model, images, labels) -> tuple[float, float]:
         model.eval()
@@ -296,8 +302,7 @@ def reference_run(cfg, split_csv: Path, device) -> dict[str, Any]:
             for i in range(0, len(images), 2 * d.batch_size):
                 x = (images[i : i + 2 * d.batch_size].float() / 255 - mean) / std
                 x = x.contiguous(memory_format=memory_format)
-                with autocast(device, amp):
-                    logits = model(x).float()
+                logits = model(x).float()  # fp32, as semodel scores
                 y = labels[i : i + 2 * d.batch_size]
                 loss += F.cross_entropy(logits, y, reduction="sum").item()
                 correct += (logits.argmax(1) == y).sum().item()
@@ -322,18 +327,18 @@ def reference_run(cfg, split_csv: Path, device) -> dict[str, Any]:
         return 0.5 * (1 + math.cos(math.pi * min(1.0, (i - warmup) / max(1, total - warmup))))
 
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-    amp = amp_dtype(t.amp, device)  # semodel's rule: bf16 autocast on a GPU that has it, off on a CPU
+    amp = amp_dtype(t.amp, device)  # semodel's rule: bf16 where the GPU or CPU computes it natively
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(t.ema_decay), use_buffers=True)
     generator = torch.Generator().manual_seed(t.seed)
     for _ in range(t.epochs):
         model.train()
         t0 = time.perf_counter()
-        order = torch.randperm(len(train_x), generator=generator).to(device)
+        order = torch.randperm(len(train_x), generator=generator)
         for i in range(0, len(order), d.batch_size):
             index = order[i : i + d.batch_size]
             with autocast(device, amp):
-                logits = model(augment(train_x[index]).contiguous(memory_format=memory_format))
+                logits = model(augment(index.tolist()).contiguous(memory_format=memory_format))
             loss = F.cross_entropy(logits.float(), train_y[index], label_smoothing=t.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()

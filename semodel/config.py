@@ -186,9 +186,9 @@ class DataConfig(Section):
     )
     cache: Literal["auto", "gpu", "ram", "none"] = Field(
         "auto",
-        description="decode every image once and keep it (uint8) on the GPU or in RAM; augment per batch on "
-        "the device (auto: gpu, else ram, where it fits in a quarter of what is free; none: decode every "
-        "epoch in data.num_workers processes)",
+        description="decode every image once and keep it (uint8) on the GPU or in RAM, training photos "
+        "large enough for the smallest crop (auto: gpu, else ram, where it fits in a quarter of what is "
+        "free, else none; none: decode every epoch in data.num_workers processes)",
     )
     balance: Literal["none", "sampler", "loss"] = Field(
         "none",
@@ -258,7 +258,9 @@ class TrainConfig(Section):
     )
     device: str = Field("auto", description="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps")
     amp: Literal["auto", "bf16", "fp16", "off"] = Field(
-        "auto", description="auto: bf16/fp16 on GPU, off on CPU"
+        "auto",
+        description="mixed precision of the training step (validation and test score in fp32); auto: bf16 "
+        "(else fp16) on a GPU, bf16 on a CPU that computes it natively (AVX512-BF16, AMX), else off",
     )
     channels_last: bool = Field(True, description="channels_last memory format for the model and the batches")
     compile: bool = Field(False, description="torch.compile the model")

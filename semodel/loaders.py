@@ -122,16 +122,20 @@ def build_loaders(
     workers = cfg.data.num_workers if cfg.data.num_workers != "auto" else default_workers(device.type)
     options = loader_options(workers, device)
     val_share = val[world.rank :: world.size]
-    cache, cache_why = choose_cache(cfg, device, len(train), len(val_share))
+    plan = choose_cache(cfg, device, data.root, train, len(val_share))
     log(
         f"data: {data.root}  classes: {', '.join(data.classes)}  "
         f"train/val/test: {len(train)}/{len(val)}/{len(data.split('test'))}  "
-        + (f"workers: {workers}" if cache == "none" else cache_why)
+        + (
+            plan.why
+            if plan.kind != "none"
+            else f"workers: {workers}" + ("" if cfg.data.cache == "none" else f"  {plan.why}")
+        )
         + (f"  processes: {world.size} x batch {cfg.data.batch_size}" if world.distributed else "")
     )
-    if cache != "none":  # decode once; augment whole batches on the device (semodel/cache.py)
+    if plan.kind != "none":  # decode once; crop per image from the kept pixels (semodel/cache.py)
         train_batches, val_batches = cached_loaders(
-            cfg, cache, data.root, train, val_share, sampler, device, log
+            cfg, plan, data.root, train, val_share, sampler, device, log
         )
         return Loaders(train_batches, val_batches, sampler, options)
     train_loader = DataLoader(

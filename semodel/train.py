@@ -315,11 +315,22 @@ def setup_run(cfg: Config, world: World, start: Start) -> Run:
     run.train_model = wrap_for_training(model, cfg, world, device)
     m = cfg.model
     attention = m.attention + (" learned width" if m.attention == "se" and m.reduction == "learned" else "")
+    precision = precision_note(cfg.train.amp, run.dtype, device)
     log(
-        f"model: {m.name} (attention {attention})  device: {device}  amp: {dtype or 'off'}  "
+        f"model: {m.name} (attention {attention})  device: {device}  {precision}  "
         f"params: {sum(p.numel() for p in model.parameters()):,}"
     )
     return run
+
+
+def precision_note(setting: str, dtype: torch.dtype | None, device: torch.device) -> str:
+    """The training step's precision, and why where ``train.amp: auto`` chose it on a CPU."""
+    name = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "off")  # type: ignore[arg-type]
+    if setting != "auto" or device.type != "cpu":
+        return f"amp: {name}"
+    if dtype is None:
+        return "amp: off (this CPU has no native bf16)"
+    return "amp: bf16 (this CPU computes bf16 natively; train.amp: off for fp32)"
 
 
 def training_device(cfg: Config, world: World) -> torch.device:
@@ -669,8 +680,10 @@ def validate(run: Run, epoch: int) -> tuple[dict[str, Any], Predictions]:
     if run.ema is not None:
         distributed.broadcast_buffers(run.ema.module, run.world)
     batches = timed(run.loaders.val, run.budget, "val_data")
+    # Scored in fp32, as eval and predict score: the figures a run reports (and picks best.pt by)
+    # are the ones `semodel eval` reproduces, on any machine; train.amp covers the training step.
     probs, targets, loss = predict_probs(
-        run.eval_model, batches, run.device, run.dtype, run.cfg.train.channels_last
+        run.eval_model, batches, run.device, None, run.cfg.train.channels_last
     )
     if run.world.distributed:
         parts = distributed.gather_objects((probs, targets, loss * len(targets)), run.world)
@@ -845,7 +858,9 @@ def split_predictions(
     else:
         samples, batch_size = run.data.split(split), run.cfg.data.batch_size * 2
         loader = eval_loader(run.data.root, samples, preprocess, batch_size, **run.loaders.loader_kw)
-    return predict_probs(run.model, loader, run.device, run.dtype, run.cfg.train.channels_last)
+    return predict_probs(
+        run.model, loader, run.device, None, run.cfg.train.channels_last
+    )  # fp32: see validate
 
 
 def calibrate_best(run: Run, best: dict[str, Any], pruned: bool) -> dict[str, Any]:
