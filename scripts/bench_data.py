@@ -56,8 +56,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from torch.utils.data import DataLoader
 
-    from semodel.cache import cached_loaders, choose
     from semodel.data import ImageList, collate_skip_bad, scan_dataset, train_transform
+    from semodel.data.cache import cached_loaders, choose
     from semodel.loaders import EpochBatchSampler
 
     device = torch.device(args.device)

@@ -1,5 +1,5 @@
 """What a run iterates over: the epoch batch sampler and the training and validation loaders
-(DataLoader workers, or the decode-once cache of ``semodel.cache``), and evaluation loaders."""
+(DataLoader workers, or the decode-once cache of ``semodel.data.cache``), and evaluation loaders."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from semodel.cache import FREE_SHARE, available_ram, cached_loaders
-from semodel.cache import choose as choose_cache
 from semodel.data import Dataset, ImageList, Sample, collate_skip_bad, default_workers, eval_transform
+from semodel.data.cache import FREE_SHARE, available_ram, cached_loaders
+from semodel.data.cache import choose as choose_cache
 from semodel.distributed import World
 from semodel.errors import SemodelError
 
@@ -62,7 +62,7 @@ class EpochBatchSampler(Sampler[list[int]]):
 class Loaders:
     """A run's training and validation batches; ``loader_kw`` builds more loaders (the final test)."""
 
-    train: Any  # DataLoader or semodel.cache.CachedBatches
+    train: Any  # DataLoader or semodel.data.cache.CachedBatches
     val: Any
     sampler: EpochBatchSampler
     loader_kw: dict[str, Any] = field(default_factory=dict)
@@ -133,7 +133,7 @@ def build_loaders(
         )
         + (f"  processes: {world.size} x batch {cfg.data.batch_size}" if world.distributed else "")
     )
-    if plan.kind != "none":  # decode once; crop per image from the kept pixels (semodel/cache.py)
+    if plan.kind != "none":  # decode once; crop per image from the kept pixels (semodel/data/cache.py)
         train_batches, val_batches = cached_loaders(
             cfg, plan, data.root, train, val_share, sampler, device, log
         )

@@ -27,7 +27,6 @@ from torch import nn
 import semodel.distributed as distributed
 from semodel._version import __version__
 from semodel.analysis import analyse, fit_calibration, groups_of, prediction_rows, write_predictions
-from semodel.cache import refuse as refuse_cache
 from semodel.checkpoint import (
     Progress,
     best_state,
@@ -48,6 +47,7 @@ from semodel.config import (
     write_yaml,
 )
 from semodel.data import Dataset, Sample, prepare_dataset, write_split_csv
+from semodel.data.cache import refuse as refuse_cache
 from semodel.distributed import World
 from semodel.errors import Interrupted, SemodelError, first_line
 from semodel.files import (

@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from PIL import Image
 from torchvision.transforms.v2.functional import pil_to_tensor
 
-import semodel.cache as cache
+import semodel.data.cache as cache
 from semodel.config import validate
 from semodel.data import Sample, eval_transform, load_rgb, scan_dataset, train_transform
 from semodel.errors import SemodelError

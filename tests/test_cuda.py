@@ -310,7 +310,7 @@ def test_channels_last_weights_inputs_and_outputs(tmp_path, data_root):
 
 
 def test_gpu_cache_validates_like_the_uncached_path(tmp_path, data_root, capsys):
-    import semodel.cache as cache
+    import semodel.data.cache as cache
     from semodel.data import eval_transform, load_rgb, scan_dataset
     from semodel.preprocess import preprocess_of
 

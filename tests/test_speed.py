@@ -28,8 +28,9 @@ from helpers_train import (
     write_config,
 )
 
-import semodel.cache
 import semodel.data
+import semodel.data.cache
+import semodel.data.loading
 import semodel.train
 from semodel.checkpoint import (
     best_state,
@@ -74,8 +75,8 @@ def finished_run(base: Path, cache: str) -> dict:
         return probs, targets, loss
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(semodel.data, "load_rgb", counting_load)  # the loaders' ImageList
-        mp.setattr(semodel.cache, "load_rgb", counting_load)  # data.cache's decoding
+        mp.setattr(semodel.data.loading, "load_rgb", counting_load)  # the loaders' ImageList
+        mp.setattr(semodel.data.cache, "load_rgb", counting_load)  # data.cache's decoding
         mp.setattr(semodel.train, "predict_probs", counting_predict)
         run_dir = semodel.train.fit(load_config(config, []), config, log=lines.append)
     return {"run_dir": run_dir, "root": root, "log": lines, "base": base, "reads": reads, "scored": scored}

@@ -36,7 +36,9 @@ from typing import Any
 
 import torch
 
-from semodel.data import UNREADABLE, Sample, collate_skip_bad, load_rgb, open_image, warn_skipped
+from semodel.data.images import UNREADABLE, load_rgb, open_image, warn_skipped
+from semodel.data.loading import collate_skip_bad
+from semodel.data.scan import Sample
 from semodel.errors import SemodelError
 
 FREE_SHARE = 0.25  # auto: the cache may take this share of free GPU memory / available RAM
