@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     from torch.utils.data import DataLoader
 
     from semodel.data import ImageList, collate_skip_bad, scan_dataset, train_transform
-    from semodel.data.cache import cached_loaders, choose
+    from semodel.data.cache import cached_loaders, choose, photo_sizes
     from semodel.loaders import EpochBatchSampler
 
     device = torch.device(args.device)
@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     kinds = ["ram"] + (["gpu"] if device.type == "cuda" else [])
     for kind in kinds:
         t0 = time.perf_counter()
-        plan = choose(cfg, device, args.data, samples, 1, setting=kind)
+        plan = choose(cfg, device, lambda: photo_sizes(args.data, samples), 1, setting=kind)
         train, _ = cached_loaders(cfg, plan, args.data, samples, samples[:1], sampler, device, lambda m: None)
         setup = time.perf_counter() - t0
         ips = run_epochs(train, args.epochs, device)

@@ -46,6 +46,7 @@ from semodel.data import (
     Dataset,
     Sample,
     assign_splits,
+    check_group_pattern,
     group_of,
     has_presplit,
     majority_label,
@@ -462,14 +463,7 @@ def group_note(samples: list[Sample], cfg: Config, augmented: bool) -> str | Non
             f"note: data.split.group_by is not set, so {unit} is its own group; images of one patient or "
             "object can land in different folds (set group_by to a regex whose first group names it)"
         )
-    pattern = re.compile(group_by)
-    unmatched = sum(1 for s in samples if not pattern.search(Path(s.path).name))
-    if unmatched:
-        return (
-            f"note: {unmatched} of {len(samples)} file names do not match data.split.group_by "
-            f"{group_by!r}; each of those is its own group"
-        )
-    return None
+    return check_group_pattern(samples, group_by)
 
 
 def load_folds(cfg: Config, cv_dir: Path, log: Log) -> tuple[Path, list[str], list[tuple[int, Sample]], bool]:
@@ -478,7 +472,7 @@ def load_folds(cfg: Config, cv_dir: Path, log: Log) -> tuple[Path, list[str], li
     k = cfg.cv.folds
     folds_file = cv_dir / "folds.csv"
     if folds_file.is_file():
-        data = scan_dataset(root, check=False)
+        data = scan_dataset(root, check=False, exclude=[cfg.log.out_dir])
         assigned = read_folds_csv(folds_file, data.classes, k)
         stored_k = max(f for f, _ in assigned) if assigned else 0
         if stored_k != k:
@@ -501,8 +495,9 @@ def load_folds(cfg: Config, cv_dir: Path, log: Log) -> tuple[Path, list[str], li
                 f"made, first: {new[0]}); they are left out"
             )
         return root, data.classes, assigned, True
-    data = scan_dataset(root)
+    data = scan_dataset(root, exclude=[cfg.log.out_dir])
     report_bad_files(data, log)
+    check_group_pattern(data.samples, cfg.data.split.group_by)  # matching no file: an error, before any fold
     pattern = re.compile(cfg.data.split.group_by) if cfg.data.split.group_by else None
     for s in data.samples:
         s.group = group_of(s.path, pattern)

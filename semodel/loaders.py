@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 from semodel.data import Dataset, ImageList, Sample, collate_skip_bad, default_workers, eval_transform
-from semodel.data.cache import FREE_SHARE, available_ram, cached_loaders
+from semodel.data.cache import FREE_SHARE, available_ram, cached_loaders, photo_sizes
 from semodel.data.cache import choose as choose_cache
 from semodel.distributed import World
 from semodel.errors import SemodelError
@@ -122,10 +122,11 @@ def build_loaders(
     workers = cfg.data.num_workers if cfg.data.num_workers != "auto" else default_workers(device.type)
     options = loader_options(workers, device)
     val_share = val[world.rank :: world.size]
-    plan = choose_cache(cfg, device, data.root, train, len(val_share))
+    plan = choose_cache(cfg, device, lambda: photo_sizes(data.root, train, data.sizes), len(val_share))
     log(
         f"data: {data.root}  classes: {', '.join(data.classes)}  "
         f"train/val/test: {len(train)}/{len(val)}/{len(data.split('test'))}  "
+        f"image_size: {cfg.data.image_size} px  "
         + (
             plan.why
             if plan.kind != "none"

@@ -20,7 +20,7 @@ import yaml
 from pydantic import BaseModel
 
 from semodel.config import Config, StartOptions, config_from_options
-from semodel.data import Dataset, has_presplit, scan_dataset
+from semodel.data import Dataset, scan_dataset
 
 COMMENT_COLUMN = 40  # where the comments start (longer lines push theirs to the right)
 
@@ -164,16 +164,17 @@ def _plain(value: Any) -> Any:
 def data_summary(data: Dataset) -> list[str]:
     """Comment lines: the classes and their image counts (per split when the folder is split)."""
     total = len(data.samples)
-    presplit = has_presplit(data.root)
-    if presplit:
-        how = "split into train/ val/" + (" test/" if data.split("test") else "")
+    if data.split_folders:
+        how = "split into " + " ".join(f"{name}/" for name in data.split_folders.values())
+        if "val" not in data.split_folders:
+            how += "; data.split.val of the training images is held out for validation"
     else:
-        how = "no train/ val/ subfolders: data.split divides them"
+        how = "no split folders: data.split divides them"
     lines = [f"{data.root}: {len(data.classes)} classes, {total} images ({how})"]
     width = max(len(c) for c in data.classes)
     for label, name in enumerate(data.classes):
         mine = [s for s in data.samples if s.label == label]
-        if presplit:
+        if data.split_folders:
             counts = Counter(s.split for s in mine)
             detail = "  ".join(
                 f"{split} {counts[split]}" for split in ("train", "val", "test") if counts[split]

@@ -186,7 +186,7 @@ def test_cached_validation_images_equal_the_eval_transform(tmp_path):
     for s in samples:
         s.split = "val"
     cpu = torch.device("cpu")
-    plan = cache.choose(cfg, cpu, root, samples[:2], len(samples))
+    plan = cache.choose(cfg, cpu, lambda: cache.photo_sizes(root, samples[:2]), len(samples))
     _, val = cache.cached_loaders(cfg, plan, root, samples[:2], samples, [[0, 1]], cpu, print)
     images, labels = next(iter(val))
     transform = eval_transform(preprocess_of(cfg))
@@ -198,14 +198,12 @@ def test_cached_validation_images_equal_the_eval_transform(tmp_path):
 def test_choose(monkeypatch):
     base = {"root": "x", "image_size": 64}
     cpu = torch.device("cpu")
-    train = [Sample(f"{i}.jpg", 0) for i in range(100)]
-    monkeypatch.setattr(cache, "photo_sizes", lambda root, samples: [(224, 224)] * len(samples))
 
     def cfg(**data):
         return validate({"data": {**base, **data}}, "t")
 
     def choose(c):
-        return cache.choose(c, cpu, Path("x"), train, 10)
+        return cache.choose(c, cpu, lambda: [(224, 224)] * 100, 10)
 
     assert cfg().data.cache == "auto"  # the default
     assert choose(cfg(cache="none")).kind == "none"
@@ -235,8 +233,12 @@ def test_choose(monkeypatch):
 def test_photo_sizes_read_the_headers(tmp_path):
     Image.new("RGB", (40, 30)).save(tmp_path / "a.png")
     (tmp_path / "b.jpg").write_bytes(b"not an image")
-    sizes = cache.photo_sizes(tmp_path, [Sample("a.png", 0), Sample("b.jpg", 0), Sample("gone.jpg", 0)])
-    assert sizes == [(30, 40), (0, 0), (0, 0)]
+    samples = [Sample("a.png", 0), Sample("b.jpg", 0), Sample("gone.jpg", 0)]
+    assert cache.photo_sizes(tmp_path, samples) == [(30, 40), (0, 0), (0, 0)]
+    # the scan's sizes where it has every one, without reading a header
+    known = {"a.png": (3, 4), "b.jpg": (5, 6), "gone.jpg": (7, 8)}
+    assert cache.photo_sizes(tmp_path, samples, known) == [(3, 4), (5, 6), (7, 8)]
+    assert cache.photo_sizes(tmp_path, samples, {"a.png": (3, 4)}) == [(30, 40), (0, 0), (0, 0)]
 
 
 @pytest.mark.parametrize("amp", ["bf16", "off"])

@@ -337,7 +337,9 @@ def test_gpu_cache_validates_like_the_uncached_path(tmp_path, data_root, capsys)
     cfg = validate(raw, "t")
     samples = scan_dataset(data_root).samples[:5]
     cuda = torch.device("cuda")
-    plan = cache.choose(cfg, cuda, data_root, samples[:1], len(samples), setting="gpu")
+    plan = cache.choose(
+        cfg, cuda, lambda: cache.photo_sizes(data_root, samples[:1]), len(samples), setting="gpu"
+    )
     _, val = cache.cached_loaders(cfg, plan, data_root, samples[:1], samples, [[0]], cuda, print)
     assert val.decoded.images.is_cuda
     images, _ = next(iter(val))

@@ -24,10 +24,12 @@ from semodel.data.images import (
 from semodel.data.loading import ImageList, collate_skip_bad, default_workers
 from semodel.data.prepare import check_classes, make_synthetic_if_missing, prepare_dataset
 from semodel.data.scan import (
+    SPLIT_FOLDERS,
     SPLITS,
     Dataset,
     Listing,
     Sample,
+    find_layout,
     has_presplit,
     is_image_name,
     list_images,
@@ -37,6 +39,7 @@ from semodel.data.scan import (
 )
 from semodel.data.split import (
     assign_splits,
+    check_group_pattern,
     check_splits,
     group_of,
     majority_label,
@@ -49,6 +52,7 @@ from semodel.data.transforms import eval_transform, train_transform
 
 __all__ = [
     "IMAGE_EXTENSIONS",
+    "SPLIT_FOLDERS",
     "SPLITS",
     "UNREADABLE",
     "Dataset",
@@ -57,12 +61,14 @@ __all__ = [
     "Sample",
     "assign_splits",
     "check_classes",
+    "check_group_pattern",
     "check_image",
     "check_splits",
     "collate_skip_bad",
     "default_workers",
     "eval_transform",
     "find_bad_files",
+    "find_layout",
     "group_of",
     "has_presplit",
     "is_image_name",

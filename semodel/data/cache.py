@@ -74,9 +74,14 @@ def stored_size(height: int, width: int, image_size: int, min_scale: float) -> t
     return min(height, max(1, math.ceil(height * factor))), min(width, max(1, math.ceil(width * factor)))
 
 
-def photo_sizes(root: Path, samples: Sequence[Sample], threads: int | None = None) -> list[tuple[int, int]]:
-    """Each image's (height, width) from its header (no decoding); (0, 0) for a file that cannot be
-    opened (the decoding skips it later, with its warning)."""
+def photo_sizes(
+    root: Path, samples: Sequence[Sample], known: dict[str, tuple[int, int]] | None = None
+) -> list[tuple[int, int]]:
+    """Each image's (height, width): from ``known`` (the scan's) where it has them all, else from the
+    headers (no decoding); (0, 0) for a file that cannot be opened (the decoding skips it later,
+    with its warning)."""
+    if known and all(s.path in known for s in samples):
+        return [known[s.path] for s in samples]
 
     def one(sample: Sample) -> tuple[int, int]:
         try:
@@ -85,7 +90,7 @@ def photo_sizes(root: Path, samples: Sequence[Sample], threads: int | None = Non
         except UNREADABLE:
             return 0, 0
 
-    with ThreadPoolExecutor(threads or min(8, os.cpu_count() or 1)) as pool:
+    with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
         return list(pool.map(one, samples))
 
 
@@ -138,14 +143,14 @@ def refuse(cfg: Any, device: torch.device, setting: str | None = None) -> None:
 def choose(
     cfg: Any,
     device: torch.device,
-    root: Path,
-    train: Sequence[Sample],
+    photos_of_train: Callable[[], list[tuple[int, int]]],
     n_val: int,
     setting: str | None = None,
 ) -> Plan:
-    """The cache to use and why (``setting``: instead of ``data.cache``). ``auto`` takes the GPU,
-    else RAM, where the cache fits in a quarter of what is free, else decodes per epoch; ``ram`` /
-    ``gpu`` say what they cost, and are refused where they would not fit at all."""
+    """The cache to use and why (``setting``: instead of ``data.cache``; ``photos_of_train``: the
+    training images' (height, width), asked for only where a cache is possible). ``auto`` takes the
+    GPU, else RAM, where the cache fits in a quarter of what is free, else decodes per epoch;
+    ``ram`` / ``gpu`` say what they cost, and are refused where they would not fit at all."""
     setting = setting or cfg.data.cache
     if setting == "none":
         return Plan("none", "data.cache: none")
@@ -153,7 +158,7 @@ def choose(
     blockers = unsupported(cfg)
     if blockers:  # auto
         return Plan("none", f"data.cache auto: off, per-image augmentations ({', '.join(blockers)})")
-    photos = photo_sizes(root, train)
+    photos = photos_of_train()
     kept = [stored_size(h, w, cfg.data.image_size, cfg.data.augment.scale[0]) for h, w in photos]
     need = 3 * (sum(h * w for h, w in kept) + n_val * cfg.data.image_size**2)
     cost = f"{describe_kept(kept)}, {need / 2**30:.2f} GiB"

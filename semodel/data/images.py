@@ -86,25 +86,36 @@ def read_image(path: Path) -> Image.Image:
     raise SemodelError(reason)
 
 
-def check_image(path: Path) -> str | None:
-    """None if the file decodes as an image, else the reason it does not."""
+def probe_image(path: Path) -> tuple[str | None, tuple[int, int]]:
+    """(None if the file decodes as an image, else the reason it does not; its (height, width))."""
     try:
         with open_image(path) as img:
+            size = (img.height, img.width)
             img.draft("RGB", (64, 64))  # JPEG: decode at reduced scale, still reads every byte
             img.load()
-        return None
+        return None, size
     except Image.DecompressionBombError:
-        return "too many pixels (decompression bomb guard)"
+        return "too many pixels (decompression bomb guard)", (0, 0)
     except UnidentifiedImageError:
-        return "not an image"
+        return "not an image", (0, 0)
     except (OSError, SyntaxError, ValueError) as e:
-        return f"cannot decode ({first_line(e, 80)})"
+        return f"cannot decode ({first_line(e, 80)})", (0, 0)
 
 
-def find_bad_files(root: Path, paths: Sequence[str], workers: int = 4) -> list[tuple[str, str]]:
+def check_image(path: Path) -> str | None:
+    """None if the file decodes as an image, else the reason it does not."""
+    return probe_image(path)[0]
+
+
+def find_bad_files(
+    root: Path, paths: Sequence[str], workers: int = 4
+) -> tuple[list[tuple[str, str]], dict[str, tuple[int, int]]]:
+    """The files that do not decode, with the reason, and every readable one's (height, width)."""
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        reasons = list(pool.map(lambda p: check_image(root / p), paths))
-    return [(p, r) for p, r in zip(paths, reasons, strict=True) if r is not None]
+        probes = list(pool.map(lambda p: probe_image(root / p), paths))
+    bad = [(p, r) for p, (r, _) in zip(paths, probes, strict=True) if r is not None]
+    sizes = {p: size for p, (r, size) in zip(paths, probes, strict=True) if r is None}
+    return bad, sizes
 
 
 def warn_skipped(path: Path, error: BaseException) -> None:

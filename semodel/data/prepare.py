@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from semodel.data.scan import Dataset, Sample, report_bad_files, scan_dataset
-from semodel.data.split import assign_splits, check_splits, read_split_csv
+from semodel.data.split import assign_splits, check_group_pattern, check_splits, read_split_csv
 from semodel.errors import SemodelError
 
 
@@ -48,8 +48,9 @@ def prepare_dataset(
     """
     root = Path(cfg.data.root).expanduser()
     make_synthetic_if_missing(cfg, log)
+    exclude = [cfg.log.out_dir]  # a run folder inside the data is never data
     if split_file is not None and split_file.exists():
-        data = scan_dataset(root, check=False)
+        data = scan_dataset(root, check=False, exclude=exclude)
         check_classes(data, classes)
         data.samples = read_split_csv(split_file, data.classes)
         data.split_file = split_file
@@ -58,9 +59,10 @@ def prepare_dataset(
             log(f"warning: {len(gone)} file(s) of split.csv are gone from {root}; they are skipped")
             data.samples = [s for s in data.samples if s not in gone]
         return data
-    data = scan_dataset(root)
+    data = scan_dataset(root, exclude=exclude)
     check_classes(data, classes)
     report_bad_files(data, log)
+    warn_upsampling(cfg, data, log)
     if cfg.model.num_classes is not None and cfg.model.num_classes != len(data.classes):
         raise SemodelError(
             f"model.num_classes is {cfg.model.num_classes} but {root} has {len(data.classes)} classes "
@@ -69,9 +71,46 @@ def prepare_dataset(
     if split is not None:
         bad = {path for path, _ in data.bad_files}
         data.samples = [s for s in split if s.path not in bad]
-    elif not any(s.split for s in data.samples):
+    elif not data.split_folders:
         sp = cfg.data.split
+        warn(check_group_pattern(data.samples, sp.group_by), log)
         assign_splits(data.samples, len(data.classes), sp.val, sp.test, sp.seed, sp.group_by)
+    elif "val" not in data.split_folders:
+        carve_validation(cfg, data, log)
     names = ["train", "val"] + (["test"] if any(s.split == "test" for s in data.samples) else [])
     check_splits(data, names)
     return data
+
+
+def warn(line: str | None, log: Callable[[str], None]) -> None:
+    if line:
+        log(line)
+
+
+def carve_validation(cfg: Any, data: Dataset, log: Callable[[str], None]) -> None:
+    """A pre-split folder without a validation folder: ``data.split.val`` of its training images
+    become the validation split, by the split's rules (stratified, grouped, seeded)."""
+    sp, train = cfg.data.split, data.split("train")
+    warn(check_group_pattern(train, sp.group_by), log)
+    assign_splits(train, len(data.classes), sp.val, 0.0, sp.seed, sp.group_by)
+    grouped = f", grouped by data.split.group_by {sp.group_by!r}" if sp.group_by else ""
+    log(
+        f"no validation folder in {data.root}: {len(data.split('val'))} of the {len(train)} images of "
+        f"{data.split_folders['train']}/ held out for validation (data.split.val {sp.val:g}, stratified by "
+        f"class{grouped}, seed {sp.seed})"
+    )
+
+
+def warn_upsampling(cfg: Any, data: Dataset, log: Callable[[str], None]) -> None:
+    """Training far above the images' own size upsamples every image: more compute, no detail."""
+    shorter = sorted(min(size) for size in data.sizes.values() if min(size) > 0)
+    if not shorter:
+        return
+    median = shorter[len(shorter) // 2]
+    size = cfg.data.image_size
+    if size > 2 * median:
+        log(
+            f"warning: data.image_size is {size} px, {size / median:.1f}x the images' median shorter side "
+            f"({median} px): every image is upsampled, which adds no detail and costs "
+            f"{(size / median) ** 2:.0f}x the compute; set data.image_size near {median}"
+        )

@@ -27,6 +27,29 @@ def group_of(path: str, pattern: re.Pattern[str] | None) -> str:
     return m.group(1) if m.groups() else m.group(0)
 
 
+def check_group_pattern(samples: Iterable[Sample], group_by: str | None) -> str | None:
+    """``data.split.group_by`` that matches no file name is an error (there would be no grouping at
+    all); a warning line when it matches only some (each of the others is a group of its own)."""
+    if not group_by:
+        return None
+    pattern = re.compile(group_by)
+    names = [Path(s.path).name for s in samples]
+    unmatched = [n for n in names if not pattern.search(n)]
+    if names and len(unmatched) == len(names):
+        raise SemodelError(
+            f"data.split.group_by {group_by!r} matches none of the {len(names)} file names "
+            f"(e.g. {unmatched[0]!r}), so no two files would be kept together: fix the pattern "
+            "(its first group names the patient or object) or remove it"
+        )
+    if unmatched:
+        return (
+            f"warning: data.split.group_by {group_by!r} matches {len(names) - len(unmatched)} of "
+            f"{len(names)} file names; the other {len(unmatched)} (e.g. {unmatched[0]!r}) are each a "
+            "group of their own"
+        )
+    return None
+
+
 def majority_label(members: Iterable[Sample]) -> int:
     """The class a group belongs to: the one most of its files have."""
     return Counter(m.label for m in members).most_common(1)[0][0]
