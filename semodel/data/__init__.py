@@ -1,6 +1,7 @@
 """The data layer: everything that lists, reads, splits and loads images.
 
 - ``images``: open and decode any image as 8-bit RGB; why a file cannot be used.
+- ``index``: one read of every image (decodes?, size, content and perceptual hashes), cached.
 - ``scan``: which files are images, the classes, the folder layouts (``Sample``, ``Dataset``).
 - ``split``: patient groups, the stratified grouped split, split.csv / folds.csv.
 - ``prepare``: a run's data, scanned, checked and split (or a resumed run's split read).
@@ -15,7 +16,6 @@ from semodel.data.images import (
     IMAGE_EXTENSIONS,
     UNREADABLE,
     check_image,
-    find_bad_files,
     load_rgb,
     open_image,
     read_image,
@@ -67,7 +67,6 @@ __all__ = [
     "collate_skip_bad",
     "default_workers",
     "eval_transform",
-    "find_bad_files",
     "find_layout",
     "group_of",
     "has_presplit",

@@ -6,8 +6,6 @@ from __future__ import annotations
 import sys
 import threading
 import warnings
-from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
@@ -86,6 +84,19 @@ def read_image(path: Path) -> Image.Image:
     raise SemodelError(reason)
 
 
+def probe_failure(error: BaseException) -> str:
+    """Why a file is not a usable image, from what reading it raised."""
+    if isinstance(error, Image.DecompressionBombError):
+        return "too many pixels (decompression bomb guard)"
+    if isinstance(error, UnidentifiedImageError):
+        return "not an image"
+    if isinstance(error, FileNotFoundError):
+        return "file not found"
+    if isinstance(error, PermissionError):
+        return "permission denied"
+    return f"cannot decode ({first_line(error, 80)})"
+
+
 def probe_image(path: Path) -> tuple[str | None, tuple[int, int]]:
     """(None if the file decodes as an image, else the reason it does not; its (height, width))."""
     try:
@@ -94,28 +105,13 @@ def probe_image(path: Path) -> tuple[str | None, tuple[int, int]]:
             img.draft("RGB", (64, 64))  # JPEG: decode at reduced scale, still reads every byte
             img.load()
         return None, size
-    except Image.DecompressionBombError:
-        return "too many pixels (decompression bomb guard)", (0, 0)
-    except UnidentifiedImageError:
-        return "not an image", (0, 0)
-    except (OSError, SyntaxError, ValueError) as e:
-        return f"cannot decode ({first_line(e, 80)})", (0, 0)
+    except UNREADABLE as e:
+        return probe_failure(e), (0, 0)
 
 
 def check_image(path: Path) -> str | None:
     """None if the file decodes as an image, else the reason it does not."""
     return probe_image(path)[0]
-
-
-def find_bad_files(
-    root: Path, paths: Sequence[str], workers: int = 4
-) -> tuple[list[tuple[str, str]], dict[str, tuple[int, int]]]:
-    """The files that do not decode, with the reason, and every readable one's (height, width)."""
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        probes = list(pool.map(lambda p: probe_image(root / p), paths))
-    bad = [(p, r) for p, (r, _) in zip(paths, probes, strict=True) if r is not None]
-    sizes = {p: size for p, (r, size) in zip(paths, probes, strict=True) if r is None}
-    return bad, sizes
 
 
 def warn_skipped(path: Path, error: BaseException) -> None:

@@ -4,13 +4,15 @@ train/ val/ test/ folders holding them)."""
 from __future__ import annotations
 
 import os
+import sys
 import unicodedata
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from semodel.data.images import IMAGE_EXTENSIONS, find_bad_files
+from semodel.data.images import IMAGE_EXTENSIONS
+from semodel.data.index import Index, build_index
 from semodel.errors import SemodelError
 
 SPLITS = ("train", "val", "test")
@@ -35,6 +37,7 @@ class Dataset:
     split_file: Path | None = None  # the split.csv its split was read from (a resumed run)
     split_folders: dict[str, str] = field(default_factory=dict)  # split -> its folder (pre-split layouts)
     sizes: dict[str, tuple[int, int]] = field(default_factory=dict)  # path -> (height, width), where checked
+    index: Index | None = None  # the pass over the files (semodel.data.index), where checked
 
     def split(self, name: str) -> list[Sample]:
         return [s for s in self.samples if s.split == name]
@@ -221,7 +224,8 @@ def find_layout(root: Path, excluded: Sequence[str] = ()) -> Layout:
 
 def has_presplit(root: Path) -> bool:
     """Whether ``root`` holds split folders (train/ and val/ or test/ ...) rather than class folders."""
-    return bool(find_layout(Path(root).expanduser()).splits)
+    root = Path(root).expanduser()
+    return root.is_dir() and bool(find_layout(root).splits)
 
 
 def class_folders(
@@ -259,7 +263,7 @@ def scan_classes(
     empty = [c for c in classes if not files[c].images]
     if empty:
         raise SemodelError(
-            f"{where}: class folder(s) without image files: {', '.join(map(visible, empty))} "
+            f"{where}: class folder(s) without image files: {', '.join(empty)} "
             f"(image files: {', '.join(IMAGE_EXTENSIONS)}; hidden files and folders are skipped)"
         )
     return classes, files
@@ -358,7 +362,11 @@ def scan_dataset(root: str | Path, check: bool = True, exclude: Sequence[str | P
         raise SemodelError(f"{root}: found one class ({classes[0]}); a classifier needs at least two")
     check_distinct_folders(folders, root)
     samples, skipped = collect_samples(folders, root)
-    bad, sizes = find_bad_files(root, [s.path for s in samples]) if check else ([], {})
+    bad, sizes, index = [], {}, None
+    if check:  # one read of every image: decodes?, size, hashes; kept beside the data for the next start
+        index = build_index(root, [s.path for s in samples], progress=sys.stderr.isatty())
+        bad = [(p, e.error) for p, e in index.entries.items() if e.error]
+        sizes = {p: (e.height, e.width) for p, e in index.entries.items() if not e.error}
     if bad:
         bad_set = {p for p, _ in bad}
         samples = [s for s in samples if s.path not in bad_set]
@@ -368,7 +376,7 @@ def scan_dataset(root: str | Path, check: bool = True, exclude: Sequence[str | P
         others = [p.relative_to(root).as_posix() for f in folders for p in f.listing.others]
         bad += [(path, f"not an image file ({Path(path).suffix or 'no extension'})") for path in others]
         bad += skipped + rel
-    data = Dataset(root, classes, samples, bad, split_folders=dict(layout.splits), sizes=sizes)
+    data = Dataset(root, classes, samples, bad, split_folders=dict(layout.splits), sizes=sizes, index=index)
     for label, c in enumerate(classes):
         if not any(s.label == label for s in samples):
             raise SemodelError(
