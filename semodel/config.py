@@ -118,6 +118,11 @@ class SplitConfig(Section):
     group_by: str | None = Field(
         None, description="regex over the file name; its first group (or whole match) is the group id"
     )
+    duplicates: Literal["group", "ignore"] = Field(
+        "group",
+        description="group: exact and near copies of a photo (flipped, rotated) land in one split; "
+        "ignore: the split does not look at copies",
+    )
 
     @field_validator("group_by")
     @classmethod
@@ -165,6 +170,14 @@ class DataConfig(Section):
     root: str = Field(
         description="an ImageFolder: root/<class>/<image>, or root/{train,val[,test]}/<class>/..."
     )
+    leakage: Literal["warn", "error", "ignore"] = Field(
+        "warn",
+        description="split folders whose images have copies across splits (test in train ...): warn, "
+        "error (stop before training) or ignore",
+    )
+    conflicts: Literal["warn", "error"] = Field(
+        "warn", description="copies of one photo in two class folders (a label conflict): warn or error"
+    )
     synthetic: SyntheticConfig | None = Field(
         None, description="generate a synthetic ImageFolder into root when it does not exist (the demo)"
     )
@@ -198,7 +211,7 @@ class DataConfig(Section):
     mixup: float = Field(0.0, ge=0, description="mixup alpha (0 = off)")
     cutmix: float = Field(0.0, ge=0, description="cutmix alpha (0 = off)")
     split: SplitConfig = Field(
-        SplitConfig(), description="how root is split when it has no train/ and val/ subfolders"
+        SplitConfig(), description="how root is split when it has no split folders (train/ ...)"
     )
     augment: AugmentConfig = Field(AugmentConfig(), description="the training images' augmentation")
 

@@ -806,7 +806,7 @@ def finish_run(run: Run) -> None:
         pruned = prune_learned_widths(run)
         result.update(pruned)
         result["calibration"] = calibrate_best(run, best, pruned=bool(pruned))
-        result["data"] = {"root": str(run.data.root), "skipped": [list(f) for f in run.data.bad_files]}
+        result["data"] = data_facts(run.data)
         if run.data.split("test"):
             result.update(test_best(run, best))
     finally:
@@ -888,6 +888,21 @@ def calibrate_best(run: Run, best: dict[str, Any], pruned: bool) -> dict[str, An
         f"{cal['ece_after']:.3f}){threshold}"
     )
     return cal
+
+
+def data_facts(data: Dataset) -> dict[str, Any]:
+    """metrics.json's ``data``: the root, what was skipped, and the copies the scan found."""
+    facts: dict[str, Any] = {"root": str(data.root), "skipped": [list(f) for f in data.bad_files]}
+    if data.copies is not None:
+        facts["copies"] = {
+            "clusters": len(data.copies.clusters),
+            "images": sum(len(m) for m in data.copies.clusters),
+            "near_bits": data.copies.near_bits,
+            "conflicts": data.conflicts,
+        }
+    if data.leaks is not None:
+        facts["leakage"] = data.leaks.as_dict()
+    return facts
 
 
 def test_best(run: Run, best: dict[str, Any]) -> dict[str, Any]:

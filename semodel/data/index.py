@@ -31,7 +31,7 @@ from PIL import Image
 from semodel.data.images import UNREADABLE, open_image, probe_failure
 
 INDEX_NAME = ".semodel-index.json"
-INDEX_VERSION = 1
+INDEX_VERSION = 3  # bump whenever what an entry holds, or how a hash is computed, changes
 HASH_SIDE = 32  # the grayscale thumbnail the DCT is taken of
 HASH_FREQS = 8  # its lowest 8 x 8 frequencies give the 64 bits
 
@@ -40,7 +40,8 @@ HASH_FREQS = 8  # its lowest 8 x 8 frequencies give the 64 bits
 class Entry:
     """What the pass knows of one file. ``error``: why it is not a usable image (None if it is);
     ``sha``: a hash of its bytes; ``phash``: the 8 perceptual hashes of its flips and rotations
-    (the first is the photo's own), 64-bit integers."""
+    (the first is the photo's own), 64-bit integers; ``chash``: the same of the thumbnail's central
+    half, which tells apart photos whose borders alone look alike (rotated copies' black corners)."""
 
     size: int
     mtime_ns: int
@@ -49,16 +50,20 @@ class Entry:
     width: int = 0
     sha: str = ""
     phash: tuple[int, ...] = ()
+    chash: tuple[int, ...] = ()
 
     def row(self) -> list:
-        return [self.size, self.mtime_ns, self.error, self.height, self.width, self.sha, list(self.phash)]
+        return [
+            self.size, self.mtime_ns, self.error, self.height, self.width, self.sha,
+            list(self.phash), list(self.chash),
+        ]  # fmt: skip
 
     @classmethod
     def of_row(cls, row: list) -> Entry:
-        size, mtime_ns, error, height, width, sha, phash = row
-        if not all(isinstance(v, int) for v in (size, mtime_ns, height, width, *phash)):
+        size, mtime_ns, error, height, width, sha, phash, chash = row
+        if not all(isinstance(v, int) for v in (size, mtime_ns, height, width, *phash, *chash)):
             raise ValueError("not an index row")
-        return cls(size, mtime_ns, error, height, width, str(sha), tuple(phash))
+        return cls(size, mtime_ns, error, height, width, str(sha), tuple(phash), tuple(chash))
 
 
 # ----------------------------------------------------------------------------- hashing
@@ -72,6 +77,7 @@ def _dct_matrix(n: int) -> np.ndarray:
 
 
 DCT = _dct_matrix(HASH_SIDE)
+DCT_CENTRE = _dct_matrix(HASH_SIDE // 2)
 # A flip of the image changes the sign of the odd frequencies along its axis; a transpose
 # transposes the coefficients. The 8 flips and rotations are these sign patterns, with and
 # without the transpose: all 8 hashes come from one DCT.
@@ -80,11 +86,12 @@ SIGNS = [np.outer(a, b) for a in (np.ones(HASH_FREQS), _ODD) for b in (np.ones(H
 
 
 def dct_hashes(gray: np.ndarray) -> tuple[int, ...]:
-    """The DCT hash of a grayscale thumbnail (``HASH_SIDE`` square, float) and of its 7 other flips
-    and rotations, the image's own first: 64 bits each, one per low frequency, set where it is
-    above the median of the 64 (an even count: the median lies between two of them, so a
-    rounding error cannot move a coefficient across it)."""
-    c = (DCT @ gray @ DCT.T)[:HASH_FREQS, :HASH_FREQS]
+    """The DCT hash of a square grayscale thumbnail (float) and of its 7 other flips and
+    rotations, the image's own first: 64 bits each, one per low frequency, set where it is above
+    the median of the 64 (an even count: the median lies between two of them, so a rounding error
+    cannot move a coefficient across it)."""
+    dct = DCT if len(gray) == HASH_SIDE else DCT_CENTRE
+    c = (dct @ gray @ dct.T)[:HASH_FREQS, :HASH_FREQS]
     variants = np.stack([t * s for t in (c, c.T) for s in SIGNS]).reshape(8, -1)
     above = variants > np.median(variants, axis=1, keepdims=True)
     return tuple(int(v) for v in np.packbits(above, axis=1).view(">u8")[:, 0])
@@ -92,7 +99,8 @@ def dct_hashes(gray: np.ndarray) -> tuple[int, ...]:
 
 def thumbnail(img: Image.Image) -> np.ndarray:
     img.draft("L", (HASH_SIDE, HASH_SIDE))  # JPEG: decode at reduced scale (every byte is still read)
-    gray = img.convert("L").convert("F").resize((HASH_SIDE, HASH_SIDE), Image.Resampling.BOX)
+    # a continuous filter: a box one treats a pixel on a window edge differently from its mirror image
+    gray = img.convert("L").convert("F").resize((HASH_SIDE, HASH_SIDE), Image.Resampling.BILINEAR)
     return np.asarray(gray, dtype=np.float64)
 
 
@@ -105,11 +113,14 @@ def probe(path: Path) -> Entry:
         entry.sha = hashlib.blake2b(data, digest_size=16).hexdigest()
         with open_image(io.BytesIO(data)) as img:
             entry.height, entry.width = img.height, img.width
-            entry.phash = dct_hashes(thumbnail(img))
+            gray = thumbnail(img)
+            entry.phash = dct_hashes(gray)
+            quarter = HASH_SIDE // 4
+            entry.chash = dct_hashes(gray[quarter:-quarter, quarter:-quarter])
     except UNREADABLE as e:
         entry.error = probe_failure(e)
         entry.height = entry.width = 0
-        entry.phash = ()
+        entry.phash = entry.chash = ()
     return entry
 
 

@@ -6,6 +6,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from semodel.data.duplicates import find_copies, find_leaks, label_conflicts, together
 from semodel.data.scan import Dataset, Sample, report_bad_files, scan_dataset
 from semodel.data.split import assign_splits, check_group_pattern, check_splits, read_split_csv
 from semodel.errors import SemodelError
@@ -71,12 +72,17 @@ def prepare_dataset(
     if split is not None:
         bad = {path for path, _ in data.bad_files}
         data.samples = [s for s in split if s.path not in bad]
-    elif not data.split_folders:
+    else:
+        find_data_copies(cfg, data, log)
+    if split is None and not data.split_folders:
         sp = cfg.data.split
         warn(check_group_pattern(data.samples, sp.group_by), log)
-        assign_splits(data.samples, len(data.classes), sp.val, sp.test, sp.seed, sp.group_by)
-    elif "val" not in data.split_folders:
+        kept = copies_kept_together(cfg, data, data.samples, log)
+        assign_splits(data.samples, len(data.classes), sp.val, sp.test, sp.seed, sp.group_by, together=kept)
+    elif split is None and "val" not in data.split_folders:
         carve_validation(cfg, data, log)
+    if split is None:
+        report_leaks(cfg, data, log)
     names = ["train", "val"] + (["test"] if any(s.split == "test" for s in data.samples) else [])
     check_splits(data, names)
     return data
@@ -92,7 +98,8 @@ def carve_validation(cfg: Any, data: Dataset, log: Callable[[str], None]) -> Non
     become the validation split, by the split's rules (stratified, grouped, seeded)."""
     sp, train = cfg.data.split, data.split("train")
     warn(check_group_pattern(train, sp.group_by), log)
-    assign_splits(train, len(data.classes), sp.val, 0.0, sp.seed, sp.group_by)
+    kept = copies_kept_together(cfg, data, train, log)
+    assign_splits(train, len(data.classes), sp.val, 0.0, sp.seed, sp.group_by, together=kept)
     grouped = f", grouped by data.split.group_by {sp.group_by!r}" if sp.group_by else ""
     log(
         f"no validation folder in {data.root}: {len(data.split('val'))} of the {len(train)} images of "
@@ -114,3 +121,70 @@ def warn_upsampling(cfg: Any, data: Dataset, log: Callable[[str], None]) -> None
             f"({median} px): every image is upsampled, which adds no detail and costs "
             f"{(size / median) ** 2:.0f}x the compute; set data.image_size near {median}"
         )
+
+
+def find_data_copies(cfg: Any, data: Dataset, log: Callable[[str], None]) -> None:
+    """Exact and near copies among the images (from the index's hashes); copies of one photo in
+    two class folders are a label conflict: a warning naming them, or with ``data.conflicts:
+    error`` an error."""
+    if data.index is None:
+        return
+    data.copies = find_copies({s.path: data.index.entries[s.path] for s in data.samples})
+    data.conflicts = label_conflicts(data.copies, {s.path: s.label for s in data.samples})
+    if not data.conflicts:
+        return
+    shown = "; ".join(" = ".join(members[:3]) for members in data.conflicts[:3])
+    text = (
+        f"{len(data.conflicts)} photo(s) are in two class folders (exact or flipped/rotated copies, a "
+        f"label conflict): {shown}"
+    )
+    if cfg.data.conflicts == "error":
+        raise SemodelError(f"{data.root}: {text}; fix the labels, or set data.conflicts: warn")
+    log(f"warning: {text} (data.conflicts: warn; error stops here)")
+
+
+def copies_kept_together(cfg: Any, data: Dataset, samples: list[Sample], log: Callable[[str], None]):
+    """The clusters of copies among ``samples`` that the split keeps in one split (none with
+    ``data.split.duplicates: ignore``), and a line that says how many."""
+    if data.copies is None:
+        return []
+    clusters = together(data.copies, [s.path for s in samples])
+    images = sum(len(m) for m in clusters)
+    if cfg.data.split.duplicates == "ignore":
+        log(
+            f"copies: {len(clusters)} clusters of copies ({images} images) may be split apart "
+            "(data.split.duplicates: ignore)"
+        )
+        return []
+    if clusters:
+        log(
+            f"copies: {len(clusters)} clusters of exact or flipped/rotated copies ({images} images) kept "
+            "in one split each (data.split.duplicates: group)"
+        )
+    return clusters
+
+
+def report_leaks(cfg: Any, data: Dataset, log: Callable[[str], None]) -> None:
+    """Copies across the splits: counted for metrics.json; for split folders a warning (or with
+    ``data.leakage: error`` an error) with the counts and a few pairs."""
+    if data.copies is None:
+        return
+    data.leaks = find_leaks(data.copies, {s.path: s.split for s in data.samples})
+    if not data.leaks.any() or cfg.data.leakage == "ignore":
+        return
+    counts = ", ".join(
+        f"{n} of {data.leaks.totals[pair]} {pair.split('-')[0]} images have a copy in {pair.split('-')[1]}"
+        for pair, n in data.leaks.counts.items()
+        if n
+    )
+    pairs = [pair for examples in data.leaks.examples.values() for pair in examples][:3]
+    text = (
+        f"copies across the splits: {counts} (exact, or flipped/rotated); the figures of those splits are "
+        f"optimistic. For example: {'; '.join(f'{a} ~ {b}' for a, b in pairs)}"
+    )
+    if not data.split_folders:
+        log(f"note: {text}")
+    elif cfg.data.leakage == "error":
+        raise SemodelError(f"{data.root}: {text}; set data.leakage: warn to train anyway")
+    else:
+        log(f"warning: {text} (data.leakage: warn; error stops here, ignore hides this)")

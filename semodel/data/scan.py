@@ -10,6 +10,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from semodel.data.images import IMAGE_EXTENSIONS
 from semodel.data.index import Index, build_index
@@ -38,6 +39,9 @@ class Dataset:
     split_folders: dict[str, str] = field(default_factory=dict)  # split -> its folder (pre-split layouts)
     sizes: dict[str, tuple[int, int]] = field(default_factory=dict)  # path -> (height, width), where checked
     index: Index | None = None  # the pass over the files (semodel.data.index), where checked
+    copies: Any = None  # semodel.data.duplicates.Copies: clusters of copies, where checked
+    leaks: Any = None  # semodel.data.duplicates.Leaks: copies across the splits, once split
+    conflicts: list[list[str]] = field(default_factory=list)  # clusters of copies in two classes
 
     def split(self, name: str) -> list[Sample]:
         return [s for s in self.samples if s.split == name]

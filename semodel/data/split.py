@@ -7,7 +7,7 @@ import io
 import random
 import re
 from collections import Counter, defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -56,19 +56,28 @@ def majority_label(members: Iterable[Sample]) -> int:
 
 
 def assign_splits(
-    samples: list[Sample], num_classes: int, val: float, test: float, seed: int, group_by: str | None
+    samples: list[Sample],
+    num_classes: int,
+    val: float,
+    test: float,
+    seed: int,
+    group_by: str | None,
+    *,
+    together: Sequence[Sequence[str]] = (),
 ) -> list[Sample]:
     """Stratified by class, grouped: all files of one group land in the same split.
 
     Per class, groups are shuffled with ``seed`` and dealt to test, then val, then train until
     each split holds its share of that class's files. A group belongs to the class most of its
-    files have.
+    files have. ``together``: sets of paths (copies of one photo) whose groups are dealt as one.
     """
     pattern = re.compile(group_by) if group_by else None
-    groups: dict[str, list[Sample]] = defaultdict(list)
     for s in samples:
         s.group = group_of(s.path, pattern)
-        groups[s.group].append(s)
+    unit = merged_groups(samples, together)
+    groups: dict[str, list[Sample]] = defaultdict(list)
+    for s in samples:
+        groups[unit.get(s.group, s.group)].append(s)
     by_class: dict[int, list[str]] = defaultdict(list)
     for g, members in sorted(groups.items()):
         by_class[majority_label(members)].append(g)
@@ -94,6 +103,26 @@ def assign_splits(
             for s in groups[g]:
                 s.split = split
     return samples
+
+
+def merged_groups(samples: Sequence[Sample], together: Sequence[Sequence[str]]) -> dict[str, str]:
+    """Group -> the group it is dealt with, where ``together`` links files of different groups
+    (the smallest name of each linked set stands for it)."""
+    if not together:
+        return {}
+    group_of_path = {s.path: s.group for s in samples}
+    parent: dict[str, str] = {}
+
+    def find(g: str) -> str:
+        while parent.get(g, g) != g:
+            g = parent[g]
+        return g
+
+    for members in together:
+        roots = sorted({find(group_of_path[p]) for p in members if p in group_of_path})
+        for r in roots[1:]:
+            parent[r] = roots[0]
+    return {g: find(g) for g in {s.group for s in samples}}
 
 
 def check_splits(data: Dataset, names: Iterable[str]) -> None:
