@@ -51,11 +51,13 @@ from semodel.data import (
     has_presplit,
     majority_label,
     make_synthetic_if_missing,
+    merged_groups,
     read_sample_csv,
     report_bad_files,
     scan_dataset,
     write_sample_csv,
 )
+from semodel.data.duplicates import find_copies, together
 from semodel.errors import Interrupted, SemodelError
 from semodel.files import numbered, read_json, run_name, write_json, write_text_atomic
 from semodel.runlog import log_line, quiet
@@ -506,9 +508,25 @@ def load_folds(cfg: Config, cv_dir: Path, log: Log) -> tuple[Path, list[str], li
         if pattern is not None
         else "each image is its own group: data.split.group_by is not set"
     )
-    fold_of = make_folds(data.samples, data.classes, k, cfg.data.split.seed, why)
-    assigned = [(fold_of[s.group], s) for s in data.samples]
+    units = copies_as_groups(cfg, data, log)  # copies of one photo: one fold
+    fold_of = make_folds(units, data.classes, k, cfg.data.split.seed, why)
+    assigned = [(fold_of[u.group], s) for u, s in zip(units, data.samples, strict=True)]
     return root, data.classes, assigned, False
+
+
+def copies_as_groups(cfg: Config, data: Dataset, log: Log) -> list[Sample]:
+    """The samples with their groups merged where copies of one photo (semodel.data.duplicates)
+    link them, so that the folds keep each cluster together (``data.split.duplicates: group``)."""
+    kept = []
+    if data.index is not None and cfg.data.split.duplicates == "group":
+        kept = together(find_copies(data.index.entries), [s.path for s in data.samples])
+        if kept:
+            log(
+                f"copies: {len(kept)} clusters of exact or flipped/rotated copies "
+                f"({sum(len(m) for m in kept)} images) kept in one fold each (data.split.duplicates: group)"
+            )
+    unit = merged_groups(data.samples, kept)
+    return [Sample(s.path, s.label, "", unit.get(s.group, s.group)) for s in data.samples]
 
 
 def cross_validate(cfg: Config, cv_dir: Path, quiet: bool = False, log: Log | None = None) -> dict[str, Any]:

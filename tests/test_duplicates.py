@@ -161,3 +161,18 @@ def test_a_photo_in_two_classes_is_a_label_conflict(tmp_path, capsys):
     assert "cat/p1.png = dog/also_cat.png" in warning and warning.startswith("warning: ")
     with pytest.raises(SemodelError, match="1 photo\\(s\\) are in two class folders"):
         prepare_dataset(config(root, tmp_path, conflicts="error"), log=lines.append)
+
+
+def test_cross_validation_keeps_copies_in_one_fold(tmp_path):
+    from semodel.cv import load_folds
+
+    clusters = with_copies(tmp_path / "photos", per_class=6)
+    cfg = validate({"data": {"root": str(tmp_path / "photos")}, "cv": {"folds": 3}}, "t")
+    lines: list[str] = []
+    _, _, assigned, existing = load_folds(cfg, tmp_path / "cv", lines.append)
+    fold_of = {s.path: fold for fold, s in assigned}
+    assert not existing and sorted(set(fold_of.values())) == [1, 2, 3]
+    assert all(len({fold_of[p] for p in members}) == 1 for members in clusters.values())
+    assert any(
+        "12 clusters of exact or flipped/rotated copies (36 images) kept in one fold each" in x for x in lines
+    )

@@ -6,6 +6,7 @@
 - ``split``: patient groups, the stratified grouped split, split.csv / folds.csv.
 - ``prepare``: a run's data, scanned, checked and split (or a resumed run's split read).
 - ``transforms``: torchvision's evaluation and training transforms.
+- ``duplicates``: exact and near copies as clusters; leaks across splits, label conflicts.
 - ``loading``: the uncached loaders' dataset (one image at a time).
 - ``cache``: ``data.cache``, every image decoded once, training crops cut from the kept pixels.
 
@@ -43,6 +44,7 @@ from semodel.data.split import (
     check_splits,
     group_of,
     majority_label,
+    merged_groups,
     read_sample_csv,
     read_split_csv,
     write_sample_csv,
@@ -75,6 +77,7 @@ __all__ = [
     "load_rgb",
     "majority_label",
     "make_synthetic_if_missing",
+    "merged_groups",
     "open_image",
     "prepare_dataset",
     "read_image",
