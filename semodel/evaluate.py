@@ -27,7 +27,7 @@ from semodel.checkpoint import build_from_checkpoint, load_models, uses_ema, wei
 from semodel.data import check_image
 from semodel.errors import SemodelError
 from semodel.evalsets import EvalSet, folder_eval_set, run_eval_set
-from semodel.files import refuse_overwrite, write_json
+from semodel.files import read_json, refuse_overwrite, write_json
 from semodel.runlog import say
 from semodel.runtime import predict_probs, resolve_device
 from semodel.tables import align, metric
@@ -87,6 +87,8 @@ def evaluate_checkpoint(
             if data is not None
             else run_eval_set(state, checkpoint, o.split)
         )
+    if data is None and len(states) == 1:
+        warn_leakage(checkpoint, images.split, log)
     listed = len(images.samples)
     probs, targets, loss, images = ensemble_probs(states, images, o)
     if o.calibrated:
@@ -118,6 +120,25 @@ def evaluate_checkpoint(
         "analysis": analyse(probs, targets, classes, groups, calibration, o.resamples, o.seed),
     }
     return EvalResult(report, probs, targets, images, groups, [s for _, s in states])
+
+
+def warn_leakage(checkpoint: Path, split: str, log: Callable[[str], None]) -> None:
+    """The run's own split, where training found copies of other splits' images in it (its
+    metrics.json ``data.leakage``): the same warning again, since the figures below rest on it."""
+    try:
+        leakage = read_json(checkpoint.parent / "metrics.json").get("data", {}).get("leakage") or {}
+    except (SemodelError, AttributeError):
+        return
+    found = [
+        f"{v['images']} of {v['of']} {split} images have a copy in {pair.split('-')[1]}"
+        for pair, v in leakage.items()
+        if pair.startswith(f"{split}-") and isinstance(v, dict) and v.get("images")
+    ]
+    if found:
+        log(
+            f"warning: copies across the splits: {', '.join(found)} (exact, or flipped/rotated; found "
+            f"when the run started); these figures are optimistic"
+        )
 
 
 def ensemble_probs(

@@ -176,3 +176,17 @@ def test_cross_validation_keeps_copies_in_one_fold(tmp_path):
     assert any(
         "12 clusters of exact or flipped/rotated copies (36 images) kept in one fold each" in x for x in lines
     )
+
+
+def test_eval_of_a_leaky_run_repeats_the_warning(tmp_path, capsys):
+    leaky_folder(tmp_path / "photos")
+    raw = tiny_config(tmp_path / "photos", tmp_path / "runs", "leaky")
+    code, _, err = run_cli(["train", "--config", write_config(tmp_path / "l.yaml", raw)], capsys)
+    assert code == 0, err
+    best = tmp_path / "runs" / "leaky" / "best.pt"
+    code, out, err = run_cli(["eval", best, "--ci", "0", "--device", "cpu"], capsys)
+    assert code == 0, err
+    assert "warning: copies across the splits: 3 of 9 test images have a copy in train" in out + err
+    code, out, err = run_cli(["eval", best, "--ci", "0", "--device", "cpu", "--split", "val"], capsys)
+    assert code == 0, err
+    assert "copies across the splits" not in out + err  # val has none
