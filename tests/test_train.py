@@ -433,8 +433,8 @@ def _prepare(tmp_path: Path, root: Path, resume: bool = False, **split):
 def test_split_is_stratified_by_class(tmp_path):
     sizes = {"cat": 20, "dog": 12, "fox": 8}
     root = tmp_path / "data"
-    for name, n in sizes.items():
-        make_folder(root, [name], per_class=n)
+    for k, (name, n) in enumerate(sizes.items()):
+        make_folder(root, [name], per_class=n, seed=k)  # a seed each: other pictures, not tinted copies
     data, run_dir, _ = _prepare(tmp_path, root, val=0.2, test=0.25, seed=3)
     rows = read_split(run_dir)
     assert [(r["split"], r["path"]) for r in rows] == [(s.split, s.path) for s in data.samples]
