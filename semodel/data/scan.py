@@ -309,11 +309,16 @@ def collect_samples(folders: Sequence[ClassFolder], root: Path) -> tuple[list[Sa
     """Every real file once, under the class whose folder holds it (a link into another class
     folder, or a second link to one file, is skipped with the reason)."""
     owners = [(os.path.realpath(f.path).rstrip(os.sep) + os.sep, f) for f in folders]
+    # A folder that holds no other class folder owns every file under its own real path: the
+    # search over all folders is needed only for files reached through a link.
+    alone = {id(f) for p, f in owners if not any(q != p and q.startswith(p) for q, _ in owners)}
+    own_prefix = {id(f): p for p, f in owners}
     samples, skipped, kept = [], [], {}
     for f in folders:
         for path, real in zip(f.listing.images, f.listing.reals, strict=True):
             rel = path.relative_to(root).as_posix()
-            owner = owner_of(real, owners)
+            mine = id(f) in alone and real.startswith(own_prefix[id(f)])
+            owner = f if mine else owner_of(real, owners)
             if owner is not None and owner is not f:
                 skipped.append((rel, f"a link into {owner.path.relative_to(root).as_posix()}/: listed there"))
             elif real in kept:
