@@ -73,19 +73,24 @@ def prepare_dataset(
         bad = {path for path, _ in data.bad_files}
         data.samples = [s for s in split if s.path not in bad]
     else:
-        find_data_copies(cfg, data, log)
-    if split is None and not data.split_folders:
+        split_with_copies(cfg, data, log)
+    names = ["train", "val"] + (["test"] if any(s.split == "test" for s in data.samples) else [])
+    check_splits(data, names)
+    return data
+
+
+def split_with_copies(cfg: Any, data: Dataset, log: Callable[[str], None]) -> None:
+    """The copies among the images, the split (by ``data.split``, or the split folders', with the
+    validation split carved from train/ where it has no folder), and the leaks across it."""
+    find_data_copies(cfg, data, log)
+    if not data.split_folders:
         sp = cfg.data.split
         warn(check_group_pattern(data.samples, sp.group_by), log)
         kept = copies_kept_together(cfg, data, data.samples, log)
         assign_splits(data.samples, len(data.classes), sp.val, sp.test, sp.seed, sp.group_by, together=kept)
-    elif split is None and "val" not in data.split_folders:
+    elif "val" not in data.split_folders:
         carve_validation(cfg, data, log)
-    if split is None:
-        report_leaks(cfg, data, log)
-    names = ["train", "val"] + (["test"] if any(s.split == "test" for s in data.samples) else [])
-    check_splits(data, names)
-    return data
+    report_leaks(cfg, data, log)
 
 
 def warn(line: str | None, log: Callable[[str], None]) -> None:
