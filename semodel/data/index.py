@@ -82,7 +82,7 @@ DCT_CENTRE = _dct_matrix(HASH_SIDE // 2)
 # transposes the coefficients. The 8 flips and rotations are these sign patterns, with and
 # without the transpose: all 8 hashes come from one DCT.
 _ODD = (-1.0) ** np.arange(HASH_FREQS)
-SIGNS = [np.outer(a, b) for a in (np.ones(HASH_FREQS), _ODD) for b in (np.ones(HASH_FREQS), _ODD)]
+SIGNS = np.stack([np.outer(a, b) for a in (np.ones(HASH_FREQS), _ODD) for b in (np.ones(HASH_FREQS), _ODD)])
 
 
 def dct_hashes(gray: np.ndarray) -> tuple[int, ...]:
@@ -92,8 +92,9 @@ def dct_hashes(gray: np.ndarray) -> tuple[int, ...]:
     cannot move a coefficient across it)."""
     dct = DCT if len(gray) == HASH_SIDE else DCT_CENTRE
     c = (dct @ gray @ dct.T)[:HASH_FREQS, :HASH_FREQS]
-    variants = np.stack([t * s for t in (c, c.T) for s in SIGNS]).reshape(8, -1)
-    above = variants > np.median(variants, axis=1, keepdims=True)
+    variants = (np.stack([c, c.T])[:, None] * SIGNS[None]).reshape(8, -1)
+    middle = np.sort(variants, axis=1)[:, 31:33].mean(axis=1, keepdims=True)  # the median of 64
+    above = variants > middle
     return tuple(int(v) for v in np.packbits(above, axis=1).view(">u8")[:, 0])
 
 
