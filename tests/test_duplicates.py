@@ -190,3 +190,17 @@ def test_eval_of_a_leaky_run_repeats_the_warning(tmp_path, capsys):
     code, out, err = run_cli(["eval", best, "--ci", "0", "--device", "cpu", "--split", "val"], capsys)
     assert code == 0, err
     assert "copies across the splits" not in out + err  # val has none
+
+
+def test_a_resumed_run_keeps_its_leak_counts(tmp_path, capsys):
+    leaky_folder(tmp_path / "photos")
+    raw = tiny_config(tmp_path / "photos", tmp_path / "runs", "leaky", train={"epochs": 1})
+    code, _, err = run_cli(["train", "--config", write_config(tmp_path / "l.yaml", raw)], capsys)
+    assert code == 0, err
+    run_dir = tmp_path / "runs" / "leaky"
+    args = ["train", "--resume", run_dir / "last.pt", "--set", "train.epochs=2", "--quiet"]
+    code, _, err = run_cli(args, capsys)
+    assert code == 0, err
+    facts = json.loads((run_dir / "metrics.json").read_text())
+    assert facts["epochs"] == 2
+    assert facts["data"]["leakage"]["test-train"]["images"] == 3 and facts["data"]["copies"]["clusters"] == 3

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from semodel.data.duplicates import find_copies, find_leaks, label_conflicts, together
+from semodel.data.index import build_index
 from semodel.data.scan import Dataset, Sample, report_bad_files, scan_dataset
 from semodel.data.split import assign_splits, check_group_pattern, check_splits, read_split_csv
 from semodel.errors import SemodelError
@@ -59,6 +60,7 @@ def prepare_dataset(
         if gone:
             log(f"warning: {len(gone)} file(s) of split.csv are gone from {root}; they are skipped")
             data.samples = [s for s in data.samples if s not in gone]
+        count_copies(data)
         return data
     data = scan_dataset(root, exclude=exclude)
     check_classes(data, classes)
@@ -126,6 +128,15 @@ def warn_upsampling(cfg: Any, data: Dataset, log: Callable[[str], None]) -> None
             f"({median} px): every image is upsampled, which adds no detail and costs "
             f"{(size / median) ** 2:.0f}x the compute; set data.image_size near {median}"
         )
+
+
+def count_copies(data: Dataset) -> None:
+    """A resumed run's copies and leaks, counted again on its split.csv's split (the index is read
+    from its cache), so that its metrics.json keeps them; said once, when the run started."""
+    data.index = build_index(data.root, [s.path for s in data.samples])
+    data.copies = find_copies({s.path: data.index.entries[s.path] for s in data.samples})
+    data.conflicts = label_conflicts(data.copies, {s.path: s.label for s in data.samples})
+    data.leaks = find_leaks(data.copies, {s.path: s.split for s in data.samples})
 
 
 def find_data_copies(cfg: Any, data: Dataset, log: Callable[[str], None]) -> None:
