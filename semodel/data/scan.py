@@ -37,11 +37,17 @@ class Dataset:
     bad_files: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
     split_file: Path | None = None  # the split.csv its split was read from (a resumed run)
     split_folders: dict[str, str] = field(default_factory=dict)  # split -> its folder (pre-split layouts)
-    sizes: dict[str, tuple[int, int]] = field(default_factory=dict)  # path -> (height, width), where checked
     index: Index | None = None  # the pass over the files (semodel.data.index), where checked
     copies: Any = None  # semodel.data.duplicates.Copies: clusters of copies, where checked
     leaks: Any = None  # semodel.data.duplicates.Leaks: copies across the splits, once split
     conflicts: list[list[str]] = field(default_factory=list)  # clusters of copies in two classes
+
+    @property
+    def sizes(self) -> dict[str, tuple[int, int]]:
+        """Each readable image's (height, width), where the scan read them (else empty)."""
+        if self.index is None:
+            return {}
+        return {p: (e.height, e.width) for p, e in self.index.entries.items() if not e.error}
 
     def split(self, name: str) -> list[Sample]:
         return [s for s in self.samples if s.split == name]
@@ -80,6 +86,17 @@ def skip_reason(path: Path, excluded: Sequence[str]) -> str | None:
     return None
 
 
+def is_data_folder(path: Path, excluded: Sequence[str], skipped: list[tuple[Path, str]]) -> bool:
+    """Whether a folder met during a scan holds data: not hidden (skipped without a word), not a run
+    folder or ``excluded`` (added to ``skipped`` with the reason)."""
+    if is_hidden_folder(path.name):
+        return False
+    reason = skip_reason(path, excluded)
+    if reason is not None:
+        skipped.append((path, reason))
+    return reason is None
+
+
 @dataclass
 class Listing:
     """What ``list_images`` found: the image files (and each one's real path, links resolved), the
@@ -113,14 +130,9 @@ def list_images(folder: Path, top: Path | None = None, excluded: Sequence[str] =
             dirnames[:] = []
             continue
         seen.add(real)
-        kept = []
-        for d in sorted(dirnames):
-            reason = None if is_hidden_folder(d) else skip_reason(Path(dirpath) / d, excluded)
-            if reason is not None:
-                out.skipped.append((Path(dirpath) / d, reason))
-            elif not is_hidden_folder(d):
-                kept.append(d)
-        dirnames[:] = kept
+        dirnames[:] = [
+            d for d in sorted(dirnames) if is_data_folder(Path(dirpath) / d, excluded, out.skipped)
+        ]
         for name in sorted(filenames):
             path = Path(dirpath) / name
             if name.startswith("."):
@@ -188,13 +200,8 @@ def find_layout(root: Path, excluded: Sequence[str] = ()) -> Layout:
     layout, folders = Layout({}), []
     for entry in sorted(os.scandir(root), key=lambda e: e.name):
         path = Path(entry.path)
-        if entry.name.startswith("."):
-            continue
         if entry.is_dir():
-            reason = None if is_hidden_folder(entry.name) else skip_reason(path, excluded)
-            if reason is not None:
-                layout.skipped.append((path, reason))
-            elif not is_hidden_folder(entry.name):
+            if is_data_folder(path, excluded, layout.skipped):
                 folders.append(path)
         elif is_image_name(entry.name):
             layout.skipped.append((path, "an image at the data root, outside any class folder"))
@@ -240,14 +247,9 @@ def class_folders(
     names = []
     for entry in sorted(os.scandir(folder), key=lambda e: e.name):
         path = Path(entry.path)
-        if entry.name.startswith(".") or (entry.is_dir() and is_hidden_folder(entry.name)):
-            continue
         if entry.is_dir():
-            reason = skip_reason(path, excluded)
-            if reason is None:
+            if is_data_folder(path, excluded, skipped):
                 names.append(entry.name)
-            else:
-                skipped.append((path, reason))
         elif loose and is_image_name(entry.name):
             skipped.append((path, f"an image in {folder.name}/, outside any class folder"))
     return names
@@ -334,14 +336,12 @@ def scan_folders(root: Path, layout: Layout, excluded: Sequence[str]) -> tuple[l
     if not layout.splits:
         classes, files = scan_classes(root, str(root), None, excluded)
         return classes, [ClassFolder("", i, root / c, files[c]) for i, c in enumerate(classes)]
-    train = root / layout.splits["train"]
-    classes = class_folders(train, [], excluded, loose=False)
+    classes: list[str] = []
     folders = []
-    for split in SPLITS:
-        if split not in layout.splits:
-            continue
+    for split in layout.splits:  # in SPLITS order: train first, whose classes the others must have
         folder = root / layout.splits[split]
         split_classes, files = scan_classes(folder, str(folder), layout.skipped, excluded)
+        classes = classes or split_classes
         extra = sorted(set(split_classes) - set(classes))
         missing = sorted(set(classes) - set(split_classes))
         if extra or missing:
@@ -371,11 +371,10 @@ def scan_dataset(root: str | Path, check: bool = True, exclude: Sequence[str | P
         raise SemodelError(f"{root}: found one class ({classes[0]}); a classifier needs at least two")
     check_distinct_folders(folders, root)
     samples, skipped = collect_samples(folders, root)
-    bad, sizes, index = [], {}, None
+    bad, index = [], None
     if check:  # one read of every image: decodes?, size, hashes; kept beside the data for the next start
         index = build_index(root, [s.path for s in samples], progress=sys.stderr.isatty())
         bad = [(p, e.error) for p, e in index.entries.items() if e.error]
-        sizes = {p: (e.height, e.width) for p, e in index.entries.items() if not e.error}
     if bad:
         bad_set = {p for p, _ in bad}
         samples = [s for s in samples if s.path not in bad_set]
@@ -385,7 +384,7 @@ def scan_dataset(root: str | Path, check: bool = True, exclude: Sequence[str | P
         others = [p.relative_to(root).as_posix() for f in folders for p in f.listing.others]
         bad += [(path, f"not an image file ({Path(path).suffix or 'no extension'})") for path in others]
         bad += skipped + rel
-    data = Dataset(root, classes, samples, bad, split_folders=dict(layout.splits), sizes=sizes, index=index)
+    data = Dataset(root, classes, samples, bad, split_folders=dict(layout.splits), index=index)
     for label, c in enumerate(classes):
         if not any(s.label == label for s in samples):
             raise SemodelError(
