@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from semodel.data.images import UNREADABLE, load_rgb, open_image, warn_skipped
+from semodel.data.images import UNREADABLE, load_rgb, open_image, usable_cpus, warn_skipped
 from semodel.data.loading import collate_skip_bad
 from semodel.data.scan import Sample
 from semodel.errors import SemodelError
@@ -90,7 +90,7 @@ def photo_sizes(
         except UNREADABLE:
             return 0, 0
 
-    with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+    with ThreadPoolExecutor(min(8, usable_cpus())) as pool:
         return list(pool.map(one, samples))
 
 
@@ -253,7 +253,7 @@ def decode_all(
             warn_skipped(path, e)
             readable[i] = False
 
-    with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:  # PIL decodes without the GIL
+    with ThreadPoolExecutor(min(8, usable_cpus())) as pool:  # PIL decodes without the GIL
         list(pool.map(one, range(n)))
     labels = torch.tensor([s.label for s in samples], dtype=torch.long)
     return Decoded(images, labels, [], readable)

@@ -3,6 +3,7 @@ cannot be used."""
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 import warnings
@@ -112,6 +113,11 @@ def probe_image(path: Path) -> tuple[str | None, tuple[int, int]]:
 def check_image(path: Path) -> str | None:
     """None if the file decodes as an image, else the reason it does not."""
     return probe_image(path)[0]
+
+
+def usable_cpus() -> int:
+    """The cores this process may run on (its affinity where the OS tells it)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def warn_skipped(path: Path, error: BaseException) -> None:

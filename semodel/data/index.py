@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from semodel.data.images import UNREADABLE, open_image, probe_failure
+from semodel.data.images import UNREADABLE, open_image, probe_failure, usable_cpus
 
 INDEX_NAME = ".semodel-index.json"
 INDEX_VERSION = 3  # bump whenever what an entry holds, or how a hash is computed, changes
@@ -207,11 +207,6 @@ def current(entry: Entry | None, st: os.stat_result) -> bool:
     return entry is not None and entry.size == st.st_size and entry.mtime_ns == st.st_mtime_ns
 
 
-def default_workers() -> int:
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cpus)
-
-
 def build_index(
     root: Path, paths: Sequence[str], workers: int | None = None, progress: bool = False
 ) -> Index:
@@ -255,7 +250,7 @@ def probe_all(
 ) -> list[list]:
     """Rows for ``paths``, read in chunks by a pool of processes (in this process when few)."""
     full = [str(root / p) for p in paths]
-    workers = workers or default_workers()
+    workers = workers or usable_cpus()
     if workers <= 1 or len(full) < 64:
         return _probe_many(full)
     chunk = max(16, min(256, len(full) // (workers * 8) or 16))

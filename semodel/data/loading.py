@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from semodel.data.images import UNREADABLE, load_rgb, warn_skipped
+from semodel.data.images import UNREADABLE, load_rgb, usable_cpus, warn_skipped
 from semodel.data.scan import Sample
 
 
@@ -42,7 +41,7 @@ def collate_skip_bad(batch):
 
 
 def default_workers(device_type: str) -> int:
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cpus = usable_cpus()
     if device_type == "cpu":
         # On a CPU the model needs the cores; a worker only pays off on larger machines.
         return 0 if cpus <= 4 else min(4, cpus // 4)
