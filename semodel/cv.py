@@ -57,7 +57,7 @@ from semodel.data import (
     scan_dataset,
     write_sample_csv,
 )
-from semodel.data.duplicates import find_copies, together
+from semodel.data.prepare import copies_kept_together, count_copies
 from semodel.errors import Interrupted, SemodelError
 from semodel.files import numbered, read_json, run_name, write_json, write_text_atomic
 from semodel.runlog import log_line, quiet
@@ -518,13 +518,9 @@ def copies_as_groups(cfg: Config, data: Dataset, log: Log) -> list[Sample]:
     """The samples with their groups merged where copies of one photo (semodel.data.duplicates)
     link them, so that the folds keep each cluster together (``data.split.duplicates: group``)."""
     kept = []
-    if data.index is not None and cfg.data.split.duplicates == "group":
-        kept = together(find_copies(data.index.entries), [s.path for s in data.samples])
-        if kept:
-            log(
-                f"copies: {len(kept)} clusters of exact or flipped/rotated copies "
-                f"({sum(len(m) for m in kept)} images) kept in one fold each (data.split.duplicates: group)"
-            )
+    if data.index is not None:
+        count_copies(data)
+        kept = copies_kept_together(cfg, data, data.samples, log, unit="fold")
     unit = merged_groups(data.samples, kept)
     return [Sample(s.path, s.label, "", unit.get(s.group, s.group)) for s in data.samples]
 

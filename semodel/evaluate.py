@@ -25,6 +25,7 @@ from semodel.analysis import (
 )
 from semodel.checkpoint import build_from_checkpoint, load_models, uses_ema, weights_label
 from semodel.data import check_image
+from semodel.data.duplicates import leak_phrase
 from semodel.errors import SemodelError
 from semodel.evalsets import EvalSet, folder_eval_set, run_eval_set
 from semodel.files import read_json, refuse_overwrite, write_json
@@ -130,7 +131,7 @@ def warn_leakage(checkpoint: Path, split: str, log: Callable[[str], None]) -> No
     except (SemodelError, AttributeError):
         return
     found = [
-        f"{v['images']} of {v['of']} {split} images have a copy in {pair.split('-')[1]}"
+        leak_phrase(pair, v["images"], v["of"])
         for pair, v in leakage.items()
         if pair.startswith(f"{split}-") and isinstance(v, dict) and v.get("images")
     ]

@@ -897,6 +897,7 @@ def data_facts(data: Dataset) -> dict[str, Any]:
         facts["copies"] = {
             "clusters": len(data.copies.clusters),
             "images": sum(len(m) for m in data.copies.clusters),
+            "exact": data.copies.exact,
             "near_bits": data.copies.near_bits,
             "conflicts": data.conflicts,
         }

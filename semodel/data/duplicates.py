@@ -10,8 +10,8 @@ pairs that share a band are compared, in numpy.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -102,10 +102,6 @@ class Copies:
     clusters: list[list[str]]
     exact: int  # clusters held together by identical bytes
     near_bits: int
-    cluster_of: dict[str, int] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        self.cluster_of = {p: k for k, members in enumerate(self.clusters) for p in members}
 
 
 def find_copies(entries: dict[str, Entry], near_bits: int = NEAR_BITS) -> Copies:
@@ -175,6 +171,12 @@ def find_leaks(copies: Copies, split_of: dict[str, str], shown: int = 3) -> Leak
     return Leaks(counts, totals, examples)
 
 
+def leak_phrase(pair: str, images: int, total: int) -> str:
+    """``3 of 9 test images have a copy in train`` for the split pair ``test-train``."""
+    a, b = pair.split("-")
+    return f"{images} of {total} {a} images have a copy in {b}"
+
+
 def label_conflicts(copies: Copies, label_of: dict[str, int]) -> list[list[str]]:
     """Clusters whose copies carry more than one class."""
     return [m for m in copies.clusters if len({label_of[p] for p in m if p in label_of}) > 1]
@@ -185,7 +187,3 @@ def together(copies: Copies, paths: Iterable[str]) -> list[list[str]]:
     keep = set(paths)
     out = [[p for p in members if p in keep] for members in copies.clusters]
     return [m for m in out if len(m) > 1]
-
-
-def cluster_summary(clusters: Sequence[Sequence[str]]) -> tuple[int, int]:
-    return len(clusters), sum(len(m) for m in clusters)

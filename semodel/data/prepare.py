@@ -6,7 +6,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from semodel.data.duplicates import find_copies, find_leaks, label_conflicts, together
+from semodel.data.duplicates import find_copies, find_leaks, label_conflicts, leak_phrase, together
 from semodel.data.index import build_index
 from semodel.data.scan import Dataset, Sample, report_bad_files, scan_dataset
 from semodel.data.split import assign_splits, check_group_pattern, check_splits, read_split_csv
@@ -60,7 +60,11 @@ def prepare_dataset(
         if gone:
             log(f"warning: {len(gone)} file(s) of split.csv are gone from {root}; they are skipped")
             data.samples = [s for s in data.samples if s not in gone]
+        # counted again on the run's split (the index read from its cache), so that its metrics.json
+        # keeps them; said once, when the run started
+        data.index = build_index(root, [s.path for s in data.samples])
         count_copies(data)
+        count_leaks(data)
         return data
     data = scan_dataset(root, exclude=exclude)
     check_classes(data, classes)
@@ -131,11 +135,12 @@ def warn_upsampling(cfg: Any, data: Dataset, log: Callable[[str], None]) -> None
 
 
 def count_copies(data: Dataset) -> None:
-    """A resumed run's copies and leaks, counted again on its split.csv's split (the index is read
-    from its cache), so that its metrics.json keeps them; said once, when the run started."""
-    data.index = build_index(data.root, [s.path for s in data.samples])
+    """The copies among the samples (from the index's hashes) and the label conflicts among them."""
     data.copies = find_copies({s.path: data.index.entries[s.path] for s in data.samples})
     data.conflicts = label_conflicts(data.copies, {s.path: s.label for s in data.samples})
+
+
+def count_leaks(data: Dataset) -> None:
     data.leaks = find_leaks(data.copies, {s.path: s.split for s in data.samples})
 
 
@@ -145,8 +150,7 @@ def find_data_copies(cfg: Any, data: Dataset, log: Callable[[str], None]) -> Non
     error`` an error."""
     if data.index is None:
         return
-    data.copies = find_copies({s.path: data.index.entries[s.path] for s in data.samples})
-    data.conflicts = label_conflicts(data.copies, {s.path: s.label for s in data.samples})
+    count_copies(data)
     if not data.conflicts:
         return
     shown = "; ".join(" = ".join(members[:3]) for members in data.conflicts[:3])
@@ -159,9 +163,11 @@ def find_data_copies(cfg: Any, data: Dataset, log: Callable[[str], None]) -> Non
     log(f"warning: {text} (data.conflicts: warn; error stops here)")
 
 
-def copies_kept_together(cfg: Any, data: Dataset, samples: list[Sample], log: Callable[[str], None]):
-    """The clusters of copies among ``samples`` that the split keeps in one split (none with
-    ``data.split.duplicates: ignore``), and a line that says how many."""
+def copies_kept_together(
+    cfg: Any, data: Dataset, samples: list[Sample], log: Callable[[str], None], unit: str = "split"
+) -> list[list[str]]:
+    """The clusters of copies among ``samples`` that the split (or ``unit``: a cv fold) keeps
+    together (none with ``data.split.duplicates: ignore``), and a line that says how many."""
     if data.copies is None:
         return []
     clusters = together(data.copies, [s.path for s in samples])
@@ -175,7 +181,7 @@ def copies_kept_together(cfg: Any, data: Dataset, samples: list[Sample], log: Ca
     if clusters:
         log(
             f"copies: {len(clusters)} clusters of exact or flipped/rotated copies ({images} images) kept "
-            "in one split each (data.split.duplicates: group)"
+            f"in one {unit} each (data.split.duplicates: group)"
         )
     return clusters
 
@@ -185,13 +191,11 @@ def report_leaks(cfg: Any, data: Dataset, log: Callable[[str], None]) -> None:
     ``data.leakage: error`` an error) with the counts and a few pairs."""
     if data.copies is None:
         return
-    data.leaks = find_leaks(data.copies, {s.path: s.split for s in data.samples})
+    count_leaks(data)
     if not data.leaks.any() or cfg.data.leakage == "ignore":
         return
     counts = ", ".join(
-        f"{n} of {data.leaks.totals[pair]} {pair.split('-')[0]} images have a copy in {pair.split('-')[1]}"
-        for pair, n in data.leaks.counts.items()
-        if n
+        leak_phrase(pair, n, data.leaks.totals[pair]) for pair, n in data.leaks.counts.items() if n
     )
     pairs = [pair for examples in data.leaks.examples.values() for pair in examples][:3]
     text = (
